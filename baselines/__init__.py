@@ -1,0 +1,1 @@
+"""Baseline methods, one file each, registered as plugins through the ``fedbench.methods`` entry points."""

@@ -1,0 +1,312 @@
+"""The ``fedbench`` command line: run, list, data.
+
+Every bad input ends in one line on stderr (``fedbench: error: ...``) and exit code 2, before any
+work starts and before the results store is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedbench import hparams
+from fedbench.config import CORE_FIELDS, make_config
+from fedbench.errors import ConfigError, choice_error
+
+try:  # typer >= 0.2x vendors click; older typer depends on it
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Benchmark model-heterogeneous personalized federated learning: accuracy, exact bytes, FLOPs.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and partitions.")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+RUN_ONLY = {  # options of `run` that are not part of a run's identity
+    "data_dir": (Optional[Path], typer.Option(None, "--data-dir", help="folder holding <dataset>.npz "
+                 "(default: $FEDBENCH_DATA_DIR, else ~/.cache/fedbench)")),
+    "results": (Path, typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store")),
+    "device": (str, typer.Option("auto", "--device", help="auto, cpu or cuda")),
+    "json_out": (bool, typer.Option(False, "--json", help="print the summary as JSON")),
+    "force": (bool, typer.Option(False, "--force", help="run again even if this exact config is complete in the store")),
+    "quiet": (bool, typer.Option(False, "--quiet", "-q", help="no progress bar")),
+}
+
+
+def _metavar(f) -> str:
+    t = hparams.field_type(f)
+    if f.metadata.get("choices"):
+        return "[" + "|".join(map(str, f.metadata["choices"])) + "]"
+    return {int: "INT", float: "FLOAT", str: "TEXT"}[t]
+
+
+def _option_param(name: str, f, help_text: str) -> inspect.Parameter:
+    opt = hparams.option_name(name)
+    if hparams.field_type(f) is bool:
+        flag = f"{opt}/--no-{opt[2:]}"
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
+                                 default=typer.Option(None, flag, help=help_text, show_default=False))
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                             default=typer.Option(None, opt, help=help_text, metavar=_metavar(f),
+                                                  show_default=False))
+
+
+def _core_help(f) -> str:
+    return f"{f.metadata['help']} (default: {f.default})"
+
+
+def _method_options() -> dict[str, tuple]:
+    """Union of every registered method's hyper-parameters: name -> (field, [(method, default)])."""
+    from fedbench.registry import methods
+    opts: dict[str, tuple] = {}
+    for mname, cls in methods().items():
+        for f in dataclasses.fields(cls.Params):
+            entry = opts.setdefault(f.name, (f, []))
+            entry[1].append((mname, f.default, f.metadata.get("marker", "")))
+    return opts
+
+
+def _method_help(f, owners) -> str:
+    parts = []
+    for m, d, marker in owners:
+        parts.append(f"{m}: {d}" + (f", {marker}" if marker else ""))
+    return f"{f.metadata['help']} (default {'; '.join(parts)})"
+
+
+def _run_signature() -> inspect.Signature:
+    params = [_option_param(n, f, _core_help(f)) for n, f in CORE_FIELDS.items()]
+    for n, (f, owners) in _method_options().items():
+        if n in CORE_FIELDS:
+            continue
+        params.append(_option_param(n, f, _method_help(f, owners)))
+    for n, (ann, default) in RUN_ONLY.items():
+        params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default))
+    return inspect.Signature(params)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _pct(x) -> str:
+    return "undefined" if x is None else f"{100 * x:.2f}%"
+
+
+def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
+    t = Table(title=f"{label} on {cfg.dataset}: N={cfg.clients}, C={cfg.fraction}, T={s['rounds']}, "
+                    f"E={cfg.epochs}, models={cfg.models}, partition={cfg.partition}", title_justify="left")
+    t.add_column("accuracy (local test)")
+    t.add_column("last", justify="right")
+    t.add_column("best", justify="right")
+    t.add_column("mean of last 10", justify="right")
+    for w in ("unweighted", "weighted"):
+        t.add_row(f"clients {w}" if w == "unweighted" else "sample-weighted", _pct(s[f"acc_last_{w}"]),
+                  _pct(s[f"acc_best_{w}"]), _pct(s[f"acc_last10_{w}"]))
+    out.print(t)
+    c = Table(show_header=True, title="cost", title_justify="left")
+    c.add_column("quantity")
+    c.add_column("total", justify="right")
+    c.add_column("per round", justify="right")
+    r = max(s["rounds"], 1)
+    c.add_row("bytes up (clients -> server)", _fmt_bytes(s["bytes_up"]), _fmt_bytes(s["bytes_up_per_round"]))
+    c.add_row("bytes down (server -> clients)", _fmt_bytes(s["bytes_down"]), _fmt_bytes(s["bytes_down_per_round"]))
+    c.add_row("client training TFLOP", f"{s['client_train_tflops']:.3f}", f"{s['client_train_tflops'] / r:.4f}")
+    c.add_row("client evaluation TFLOP", f"{s['client_eval_tflops']:.3f}", f"{s['client_eval_tflops'] / r:.4f}")
+    c.add_row("server TFLOP", f"{s['server_tflops']:.3f}", f"{s['server_tflops'] / r:.4f}")
+    c.add_row("wall time (training + evaluation)", f"{s['wall_s']:.1f} s", f"{s['wall_s'] / r:.2f} s")
+    out.print(c)
+    out.print(f"FLOPs: 2 per multiply-add (fvcore MACs x 2). run {run_id} in {results}")
+
+
+def run(**kw):
+    """Train one federated run, store it round by round, print accuracy, bytes and FLOPs."""
+    from fedbench.runner import execute, prepare, stored_summary
+    from fedbench.store import Store, check_results_path
+
+    run_only = {k: kw.pop(k) for k in RUN_ONLY}
+    if run_only["device"] not in ("auto", "cpu", "cuda"):
+        raise choice_error("--device", run_only["device"], ("auto", "cpu", "cuda"))
+    cfg = make_config(kw)
+    results = run_only["results"]
+    check_results_path(results)
+    p = prepare(cfg, run_only["data_dir"], run_only["device"])
+    store = Store(results)
+    try:
+        if store.status(p.run_id) == "complete" and not run_only["force"]:
+            err.print(f"run {p.run_id} is already complete in {results}; showing the stored result "
+                      f"(--force runs it again)")
+            s = stored_summary(store, p.run_id)
+        else:
+            s = _execute_with_progress(p, store, execute, quiet=run_only["quiet"] or run_only["json_out"])
+    finally:
+        store.close()
+    if run_only["json_out"]:
+        print(json.dumps({"run_id": p.run_id, "label": p.label, "config": cfg.to_dict(), **s}, indent=2))
+    else:
+        print_summary(s, cfg, p.label, p.run_id, results)
+
+
+def _execute_with_progress(p, store, execute, quiet: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if quiet:
+        return execute(p, store)
+    cols = (TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*cols, console=err, transient=False) as prog:
+        task = prog.add_task("run", total=p.cfg.rounds, acc="")
+
+        def on_round(r):
+            a, _ = r.accuracy()
+            prog.update(task, advance=1, acc=f"mean acc {_pct(a)}" if a is not None else prog.tasks[0].fields["acc"])
+
+        return execute(p, store, on_round)
+
+
+run.__signature__ = _run_signature()  # type: ignore[attr-defined]
+app.command("run", help=run.__doc__, no_args_is_help=False)(run)
+
+
+@app.command("list")
+def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, models or partitions")):
+    """List methods (with paper, heterogeneity support and hyper-parameters), datasets, models, partitions."""
+    from fedbench.data.partition import PARTITIONERS
+    from fedbench.data.sources import DATASETS
+    from fedbench.models.cnn import CNN_WIDTHS
+    from fedbench.registry import methods
+
+    if what == "methods":
+        for name, cls in methods().items():
+            hetero = "heterogeneous models" if cls.heterogeneous else "one architecture for all clients"
+            out.print(f"[bold]{name}[/bold]  ({hetero}; broadcast to {cls.push} clients)")
+            out.print(f"  paper: {cls.paper}", markup=False)
+            fields = dataclasses.fields(cls.Params)
+            if not fields:
+                out.print("  hyper-parameters: none beyond the run options")
+            for f in fields:
+                rng = hparams.describe_range(f)
+                marker = f"  ({f.metadata['marker']})" if f.metadata.get("marker") else ""
+                out.print(f"  {hparams.option_name(f.name)} = {f.default!r}  {rng}{marker}", markup=False)
+                out.print(f"      {f.metadata['help']}", markup=False)
+            out.print()
+    elif what == "datasets":
+        for name, info in DATASETS.items():
+            out.print(f"{name}: {info.num_classes} classes, default classes per client {info.default_classes_per_client}")
+    elif what == "models":
+        for name, (c1, c2, f1) in CNN_WIDTHS.items():
+            out.print(f"{name}: conv {c1}/{c2}, fc1 {f1}, h 500")
+        out.print("hetero: client i gets CNN-(i mod 5 + 1)")
+    elif what == "partitions":
+        out.print(", ".join(PARTITIONERS))
+    else:
+        raise choice_error("list topic", what, ("methods", "datasets", "models", "partitions"))
+
+
+PARTITION_OPTS = ("dataset", "partition", "clients", "classes_per_client", "alpha", "min_size", "share_low",
+                  "val_fraction", "seed")
+
+
+def partition_cmd(**kw):
+    """Print per-client class counts of a partition (and optionally save a heatmap PNG)."""
+    import numpy as np
+
+    from fedbench.data.partition import make_partition  # noqa: F401
+    from fedbench.data.sources import load_dataset
+    from fedbench.engine.data import build_federated_data
+
+    data_dir, split, heatmap = kw.pop("data_dir"), kw.pop("split"), kw.pop("heatmap")
+    if split not in ("train", "val", "test"):
+        raise choice_error("--split", split, ("train", "val", "test"))
+    if heatmap is not None and not Path(heatmap).parent.is_dir():
+        raise ConfigError(f"--heatmap {heatmap}: directory {Path(heatmap).parent} does not exist")
+    cfg = make_config(kw)
+    arrays = load_dataset(cfg.dataset, data_dir)
+    import torch
+    fd = build_federated_data(arrays, cfg, torch.device("cpu"))
+    counts = fd.partition.class_counts(fd.split_labels[split], split)
+    K = counts.shape[1]
+    t = Table(title=f"{cfg.dataset} {cfg.partition} partition, {split} split, seed {cfg.seed}, "
+                    f"digest {fd.partition.digest()}", title_justify="left")
+    t.add_column("client")
+    if K <= 20:
+        for c in range(K):
+            t.add_column(str(c), justify="right")
+    else:
+        t.add_column("classes (count)")
+    t.add_column("total", justify="right")
+    for j, row in enumerate(counts):
+        cells = [str(v) if v else "." for v in row] if K <= 20 else \
+            [" ".join(f"{c}({v})" for c, v in enumerate(row) if v)]
+        t.add_row(str(j), *cells, str(int(row.sum())))
+    t.add_row("all", *([str(int(v)) for v in counts.sum(0)] if K <= 20 else [""]), str(int(counts.sum())))
+    out.print(t)
+    if heatmap is not None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import seaborn as sns
+        fig, ax = plt.subplots(figsize=(max(6, K * 0.45), max(3, len(counts) * 0.35)))
+        sns.heatmap(counts, ax=ax, cmap="viridis", annot=K <= 20 and len(counts) <= 30, fmt="d",
+                    cbar_kws={"label": "samples"})
+        ax.set_xlabel("class")
+        ax.set_ylabel("client")
+        ax.set_title(f"{cfg.dataset} {cfg.partition} ({split}), seed {cfg.seed}")
+        fig.tight_layout()
+        fig.savefig(heatmap, dpi=120)
+        out.print(f"heatmap written to {heatmap}")
+    return np
+
+
+def _partition_signature() -> inspect.Signature:
+    params = [_option_param(n, CORE_FIELDS[n], _core_help(CORE_FIELDS[n])) for n in PARTITION_OPTS]
+    params.append(inspect.Parameter("data_dir", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=RUN_ONLY["data_dir"][1]))
+    params.append(inspect.Parameter("split", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                    default=typer.Option("train", "--split", help="train, val or test")))
+    params.append(inspect.Parameter("heatmap", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, "--heatmap", help="write a class-count heatmap PNG here")))
+    return inspect.Signature(params)
+
+
+partition_cmd.__signature__ = _partition_signature()  # type: ignore[attr-defined]
+data_app.command("partition", help=partition_cmd.__doc__)(partition_cmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cmd = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        args = ["--help"]
+    try:
+        rv = cmd.main(args=args, prog_name="fedbench", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("fedbench: aborted", file=sys.stderr)
+        sys.exit(130)
+    except _cx.ClickException as e:
+        msg = " ".join(e.format_message().split())
+        print(f"fedbench: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except ConfigError as e:
+        print(f"fedbench: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("fedbench: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,128 @@
+"""RunConfig: every choice of a run, checked before any work starts, hashed for identity."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedbench import hparams
+from fedbench.data.partition import PARTITIONERS
+from fedbench.data.sources import DATASETS, dataset_info
+from fedbench.data.transforms import AUGMENTATIONS
+from fedbench.errors import ConfigError, choice_error
+from fedbench.hparams import hparam
+from fedbench.models.cnn import MODEL_GROUPS
+
+AGG_WEIGHTS = ("all-splits", "train", "uniform")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The protocol of a run. Defaults follow the spec's protocol (A.4) unless noted."""
+
+    method: str = hparam("fedlora", "federated method (see `fedbench list methods`)")
+    dataset: str = hparam("cifar10", "dataset", choices=tuple(DATASETS))
+    partition: str = hparam("pathological", "how data is split among clients", choices=PARTITIONERS)
+    classes_per_client: int = hparam(0, "pathological: classes per client (0 = dataset default: 2 for CIFAR-10, "
+                                        "10 for CIFAR-100)", low=0)
+    share_low: float = hparam(0.4, "pathological: lower bound of the U(low, 0.6) class shares (LowProb)",
+                              low=0.0, high=0.6, low_open=True, high_open=True)
+    alpha: float = hparam(0.1, "dirichlet: concentration alpha", low=0.0, low_open=True)
+    min_size: int = hparam(10, "dirichlet: minimum training samples per client (bounded redraws)", low=1)
+    val_fraction: float = hparam(0.2, "fraction of the training set held out as validation (40k/10k on CIFAR)",
+                                 low=0.0, high=1.0, high_open=True)
+    clients: int = hparam(10, "number of clients N", low=1)
+    fraction: float = hparam(1.0, "fraction C of clients sampled per round", low=0.0, high=1.0, low_open=True)
+    rounds: int = hparam(500, "communication rounds T", low=1)
+    epochs: int = hparam(1, "local epochs E per round", low=1)
+    batch_size: int = hparam(64, "local batch size", low=1)
+    lr: float = hparam(0.01, "SGD learning rate", low=0.0, low_open=True)
+    momentum: float = hparam(0.9, "SGD momentum", low=0.0, high=1.0, high_open=True)
+    weight_decay: float = hparam(1e-3, "SGD weight decay", low=0.0)
+    clip: float = hparam(50.0, "gradient-norm clip (0 = off)", low=0.0)
+    models: str = hparam("hetero", "client models: hetero (client i gets CNN-(i mod 5 + 1)) or one CNN for all",
+                         choices=MODEL_GROUPS)
+    same_init: bool = hparam(False, "identical initial weights for clients of one architecture (HtFLlib habit)")
+    augment: str = hparam("spec", "training augmentation: spec (flip, erase, crop as the authors' code), "
+                                  "flip-crop, none", choices=AUGMENTATIONS)
+    agg_weight: str = hparam("all-splits", "aggregation weight n_k: all-splits (train+val+test, the authors' "
+                                           "code), train, uniform", choices=AGG_WEIGHTS)
+    eval_every: int = hparam(1, "evaluate all clients every this many rounds (and at the last round)", low=1)
+    eval_batch_size: int = hparam(2048, "evaluation batch size (does not change results)", low=1)
+    seed: int = hparam(42, "master seed: partition, initialisation, sampling, data order, augmentation")
+    method_params: dict = field(default_factory=dict)
+
+    # -- identity --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method_params"] = dict(sorted(self.method_params.items()))
+        return d
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def run_hash(self, data_digest: str) -> str:
+        h = hashlib.sha256((self.canonical_json() + "|" + data_digest).encode())
+        return h.hexdigest()[:16]
+
+    @property
+    def num_classes(self) -> int:
+        return dataset_info(self.dataset).num_classes
+
+    @property
+    def per_round(self) -> int:
+        return max(1, int(self.fraction * self.clients))
+
+    def method_class(self):
+        from fedbench.registry import get_method
+        return get_method(self.method)
+
+
+CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_params"}
+
+
+def make_config(values: dict[str, Any]) -> RunConfig:
+    """Build and check a RunConfig from user values (core options and method options mixed).
+
+    Raises ConfigError (one line, naming the bad value and what is allowed) on anything wrong.
+    """
+    from fedbench.registry import get_method
+
+    values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
+    core = {k: v for k, v in values.items() if k in CORE_FIELDS}
+    rest = {k: v for k, v in values.items() if k not in CORE_FIELDS}
+    method_name = core.get("method", CORE_FIELDS["method"].default)
+    if not isinstance(method_name, str):
+        raise ConfigError(f"--method must be a method name, got {method_name!r}")
+    method_cls = get_method(method_name)
+    checked = {k: hparams.coerce(CORE_FIELDS[k], v, "run") for k, v in core.items()}
+    mp = hparams.build(method_cls.Params, rest, f"method {method_name}")
+    cfg = RunConfig(**checked, method_params=dataclasses.asdict(mp))
+    info = dataset_info(cfg.dataset)
+    K = info.num_classes
+    if cfg.classes_per_client == 0:
+        cfg = dataclasses.replace(cfg, classes_per_client=info.default_classes_per_client)
+    if cfg.partition == "pathological" and cfg.classes_per_client > K:
+        raise ConfigError(f"--classes-per-client {cfg.classes_per_client} exceeds the {K} classes of {cfg.dataset}")
+    if int(cfg.fraction * cfg.clients) < 1:
+        raise ConfigError(f"--fraction {cfg.fraction} with --clients {cfg.clients} samples no client per round; "
+                          f"need fraction x clients >= 1")
+    if not method_cls.heterogeneous and cfg.models == "hetero":
+        raise ConfigError(f"method {method_name} needs one architecture for all clients; "
+                          f"use --models cnn1 (or cnn2..cnn5), not --models hetero")
+    return cfg
+
+
+def method_params_obj(cfg: RunConfig):
+    cls = cfg.method_class()
+    return cls.Params(**cfg.method_params)
+
+
+def check_choice(what: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise choice_error(what, value, allowed)
+    return value

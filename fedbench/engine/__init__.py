@@ -1,0 +1,1 @@
+"""The round loop: sampling, local training, payloads, aggregation, evaluation, metering."""

@@ -1,0 +1,1 @@
+"""Exact byte meter and fvcore-based FLOP meter."""

@@ -1,0 +1,103 @@
+"""FLOP meter: counts the passes a method's code actually runs.
+
+Convention (stated in every table):
+* Forward cost of each parametrised leaf module (convolutions, linear layers) per sample comes from
+  fvcore, which counts **one multiply-add as one flop** (i.e. MACs). Tables report FLOPs = 2 x MACs.
+  Activations, pooling, bias adds, losses and optimiser updates are not counted (fvcore ignores them;
+  so does ``torch.utils.flop_counter``).
+* Backward cost of a module call is derived from the forward cost: one forward-equivalent for the
+  weight gradient if any of the module's parameters is trained, plus one for the input gradient if
+  the input needs a gradient. So a trained layer with trained layers below it costs 3x forward, the
+  first layer 2x, a frozen layer that passes gradients down 2x, a frozen layer below every trained
+  one (or any pass under ``torch.no_grad``) 1x.
+* A module call made with gradients enabled and an output that requires grad is assumed to be
+  back-propagated (methods run backward on every training forward they make).
+
+The meter attaches forward hooks to the leaf modules of the workspace modules once; the engine sets
+the scope (which client, train or eval, server) around each method call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+
+def _fvcore_macs_per_sample(module: nn.Module, x: torch.Tensor) -> int:
+    from fvcore.nn import FlopCountAnalysis
+
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sample = x[:1].detach().clone()
+        analysis = FlopCountAnalysis(module, sample)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return int(analysis.total())
+
+
+class FlopMeter:
+    """Accumulates MACs per (scope, kind); kinds are 'train' and 'eval'."""
+
+    def __init__(self) -> None:
+        self.macs: defaultdict = defaultdict(int)
+        self._scope = None
+        self._kind = None
+        self._tracing = False
+        self._cost: dict[tuple, int] = {}
+        self._attached: set[int] = set()
+
+    def attach(self, module: nn.Module) -> None:
+        for m in module.modules():
+            if id(m) in self._attached:
+                continue
+            if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
+                m.register_forward_hook(self._hook)
+                self._attached.add(id(m))
+
+    def _per_sample(self, m: nn.Module, x: torch.Tensor) -> int:
+        key = (type(m), tuple(p.shape for p in m.parameters(recurse=False)), tuple(x.shape[1:]),
+               getattr(m, "stride", None), getattr(m, "padding", None), getattr(m, "groups", None))
+        cost = self._cost.get(key)
+        if cost is None:
+            self._tracing = True
+            try:
+                cost = _fvcore_macs_per_sample(m, x)
+            finally:
+                self._tracing = False
+            self._cost[key] = cost
+        return cost
+
+    def _hook(self, m: nn.Module, inputs, output) -> None:
+        if self._scope is None or self._tracing or not inputs or not isinstance(inputs[0], torch.Tensor):
+            return
+        x = inputs[0]
+        fwd = self._per_sample(m, x) * x.shape[0]
+        total = fwd
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                total += fwd
+            if x.requires_grad:
+                total += fwd
+        self.macs[(self._scope, self._kind)] += total
+
+    @contextlib.contextmanager
+    def scope(self, who, kind: str):
+        prev = self._scope, self._kind
+        self._scope, self._kind = who, kind
+        try:
+            yield
+        finally:
+            self._scope, self._kind = prev
+
+    def take(self) -> dict:
+        """Return and reset the accumulated MACs."""
+        out = dict(self.macs)
+        self.macs.clear()
+        return out

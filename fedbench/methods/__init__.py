@@ -1,0 +1,1 @@
+"""The method plugin contract and the headline method."""

@@ -1,0 +1,198 @@
+"""The method plugin contract.
+
+A method is one class that reads like its paper's algorithm box::
+
+    @register_method("name")
+    class MyMethod(Method):
+        paper = "..."; heterogeneous = True
+        @dataclass
+        class Params: ...            # hparam() fields: CLI options, `fedbench list`, validation
+
+        def client_init(self, client): ...          # declare the client's private modules
+        def server_init(self, server): ...          # -> first broadcast (or None)
+        def client_update(self, client, broadcast): # local training -> upload
+        def server_update(self, server, uploads):   # uploads -> next broadcast
+        def predict(self, client, x): ...           # logits for evaluation
+
+Uploads and broadcasts are tensors or nested mappings of tensors; the engine counts their bytes.
+A method never touches the store, the CLI or the meters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fedbench.models.cnn import ModuleSpec
+
+
+@dataclass
+class Upload:
+    client: int
+    weight: float  # aggregation weight, normalised over this round's participants (--agg-weight)
+    payload: Any
+
+
+class Party:
+    """Common part of a client and the server: named private modules backed by tensors."""
+
+    def __init__(self, runtime) -> None:
+        self._rt = runtime
+        self.specs: dict[str, ModuleSpec] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._rt.device
+
+    @property
+    def num_classes(self) -> int:
+        return self._rt.num_classes
+
+    def own(self, name: str, spec: ModuleSpec) -> nn.Module:
+        """Declare a private module ``name`` built from ``spec`` (seeded initialisation)."""
+        return self._rt.create_module(self, name, spec)
+
+    def module(self, name: str) -> nn.Module:
+        return self._rt.bound_module(self, name)
+
+
+class Client(Party):
+    """What a method sees of one client during its local round or evaluation."""
+
+    def __init__(self, runtime, cid: int, arch: str, model_spec: ModuleSpec, sizes: dict[str, int],
+                 classes: torch.Tensor) -> None:
+        super().__init__(runtime)
+        self.id = cid
+        self.arch = arch            # e.g. "cnn3"
+        self.model_spec = model_spec  # the client's assigned heterogeneous model
+        self.sizes = sizes          # samples per split: {"train", "val", "test"}
+        self.classes = classes      # int64 tensor of the classes present in its training data
+        self.round = 0
+
+    @property
+    def n_train(self) -> int:
+        return self.sizes["train"]
+
+    def batches(self, epochs: int = 1, *, augment: bool = True, shuffle: bool = True
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches (x float NCHW on device, y int64), reshuffled every epoch (seeded)."""
+        return self._rt.train_batches(self, epochs, augment, shuffle)
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        """The run's local optimiser (SGD lr/momentum/weight decay of the config) over ``params``."""
+        return self._rt.make_optimizer(params)
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """zero_grad, backward, clip to the run's gradient-norm limit, step."""
+        self._rt.optimizer_step(opt, loss)
+
+
+class Server(Party):
+    """The server: may own modules (a global model, a header) and train them (metered as server)."""
+
+    def optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        return self._rt.make_optimizer(params, lr=lr)
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        self._rt.optimizer_step(opt, loss)
+
+
+class Method:
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    heterogeneous: ClassVar[bool] = True
+    # "selected": the broadcast goes to each participant at the start of its round.
+    # "all": after aggregation it goes to every client (receive() is called; bytes counted for all).
+    push: ClassVar[str] = "selected"
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params, run) -> None:
+        self.hp = params
+        self.run = run  # read-only view of the run config (epochs, num_classes, ...)
+
+    @classmethod
+    def label(cls, params) -> str:
+        return cls.name
+
+    # --- the algorithm -------------------------------------------------------------------------
+    def client_init(self, client: Client) -> None:
+        client.own("model", client.model_spec)
+
+    def server_init(self, server: Server):
+        return None
+
+    def client_update(self, client: Client, broadcast):
+        raise NotImplementedError
+
+    def server_update(self, server: Server, uploads: list[Upload]):
+        return None
+
+    def receive(self, client: Client, broadcast) -> None:
+        """Only for push == "all": install the broadcast on a client outside its own round."""
+
+    def predict(self, client: Client, x: torch.Tensor) -> torch.Tensor | None:
+        """Logits for evaluation; None means 'undefined' (stored as such, never as 0)."""
+        return client.module("model")(x)[0]
+
+
+# --- helpers methods use -----------------------------------------------------------------------
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a module's parameters, ready to send."""
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+@torch.no_grad()
+def load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy received tensors into a module's parameters (names must match)."""
+    params = dict(module.named_parameters())
+    for k, v in tensors.items():
+        params[k].copy_(v)
+
+
+def weighted_mean(uploads: list[Upload], key=lambda p: p):
+    """sum_k w_k * payload_k over (nested mappings of) tensors; weights as the engine set them."""
+    return _combine([(u.weight, key(u.payload)) for u in uploads])
+
+
+def mean(payloads: list) -> Any:
+    """Unweighted mean of payloads (several HtFLlib server rules)."""
+    n = len(payloads)
+    return _combine([(1.0 / n, p) for p in payloads])
+
+
+def _combine(items):
+    first = items[0][1]
+    if isinstance(first, torch.Tensor):
+        out = torch.zeros_like(first, dtype=torch.float32 if not first.is_floating_point() else first.dtype)
+        for w, t in items:
+            out.add_(t, alpha=w)
+        return out
+    return {k: _combine([(w, p[k]) for w, p in items]) for k in first}
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Freeze parameters for a phase (restores requires_grad afterwards)."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+def hparams_of(method_cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(method_cls.Params))
