@@ -29,11 +29,11 @@ from torch import nn
 
 
 def _fvcore_macs_per_sample(module: nn.Module, x: torch.Tensor) -> int:
-    from fvcore.nn import FlopCountAnalysis
-
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # fvcore's import and tracer warn about torch.jit
+        from fvcore.nn import FlopCountAnalysis
+
         sample = x[:1].detach().clone()
         analysis = FlopCountAnalysis(module, sample)
         analysis.unsupported_ops_warnings(False)
@@ -86,6 +86,11 @@ class FlopMeter:
             if x.requires_grad:
                 total += fwd
         self.macs[(self._scope, self._kind)] += total
+
+    def add(self, macs: int) -> None:
+        """Count work that runs outside metered modules (e.g. an SVD), in the current scope."""
+        if self._scope is not None:
+            self.macs[(self._scope, self._kind)] += int(macs)
 
     @contextlib.contextmanager
     def scope(self, who, kind: str):

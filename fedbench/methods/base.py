@@ -20,6 +20,7 @@ A method never touches the store, the CLI or the meters.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 from collections.abc import Iterator
@@ -60,6 +61,14 @@ class Party:
 
     def module(self, name: str) -> nn.Module:
         return self._rt.bound_module(self, name)
+
+    def count_macs(self, macs: int) -> None:
+        """Declare work done outside nn.Modules (an SVD, a closed-form solve) as multiply-adds.
+
+        Module calls are metered automatically; use this only for tensor algebra a method runs by
+        hand, with the formula stated next to the call.
+        """
+        self._rt.meter.add(macs)
 
 
 class Client(Party):
@@ -103,7 +112,7 @@ class Server(Party):
         self._rt.optimizer_step(opt, loss)
 
 
-class Method:
+class Method(abc.ABC):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     heterogeneous: ClassVar[bool] = True
@@ -130,8 +139,9 @@ class Method:
     def server_init(self, server: Server):
         return None
 
+    @abc.abstractmethod
     def client_update(self, client: Client, broadcast):
-        raise NotImplementedError
+        """Local training of one participant given the server's broadcast; returns its upload."""
 
     def server_update(self, server: Server, uploads: list[Upload]):
         return None

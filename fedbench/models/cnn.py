@@ -88,6 +88,15 @@ def _build_cnn(name: str, num_classes: int) -> CNN:
     return CNN(*CNN_WIDTHS[name], num_classes=num_classes)
 
 
+@builder("linear")
+def _build_linear(d_in: int, d_out: int, bias: bool = True) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=bias)
+
+
+def linear_spec(d_in: int, d_out: int, bias: bool = True) -> ModuleSpec:
+    return ModuleSpec.of("linear", d_in=d_in, d_out=d_out, bias=bias)
+
+
 def cnn_spec(name: str, num_classes: int) -> ModuleSpec:
     if name not in CNN_WIDTHS:
         raise choice_error("model", name, CNN_WIDTHS)

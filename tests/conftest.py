@@ -1,0 +1,38 @@
+"""Shared test helpers: small synthetic runs through the real engine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedbench.config import make_config
+from fedbench.data.sources import load_dataset
+from fedbench.engine.data import build_federated_data
+from fedbench.engine.simulation import Simulation
+
+torch.set_num_threads(1)
+
+REAL_DATA_DIR = Path(os.environ.get("FEDBENCH_DATA_DIR", "")) if os.environ.get("FEDBENCH_DATA_DIR") else None
+
+
+def small_config(**kw):
+    """A tiny synthetic run: 5 clients, 2 rounds, batch 32."""
+    base = dict(dataset="synthetic", clients=5, rounds=2, epochs=1, batch_size=32, seed=0)
+    base.update(kw)
+    return make_config(base)
+
+
+def make_sim(cfg) -> Simulation:
+    arrays = load_dataset(cfg.dataset, REAL_DATA_DIR)
+    return Simulation(cfg, build_federated_data(arrays, cfg, torch.device("cpu")), torch.device("cpu"))
+
+
+@pytest.fixture
+def real_data_dir():
+    for name in ("cifar10.npz",):
+        if REAL_DATA_DIR is None or not (REAL_DATA_DIR / name).exists():
+            pytest.skip("real CIFAR-10 not materialized: set FEDBENCH_DATA_DIR")
+    return REAL_DATA_DIR
