@@ -31,7 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and partitions.")
 app.add_typer(data_app, name="data")
 
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 RUN_ONLY = {  # options of `run` that are not part of a run's identity
@@ -162,7 +162,14 @@ def run(**kw):
 
 
 def _execute_with_progress(p, store, execute, quiet: bool) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if quiet:
         return execute(p, store)
@@ -215,6 +222,165 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
         out.print(", ".join(PARTITIONERS))
     else:
         raise choice_error("list topic", what, ("methods", "datasets", "models", "partitions"))
+
+
+def _parse_value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def _grid_from_cli(base: list[str], axes: list[str]) -> dict:
+    """--base k=v and --axis k=v1,v2 (paired: --axis clients,fraction=10:1.0,50:0.2) as a sweep document."""
+    doc: dict = {"base": {}, "axes": {}}
+    for item in base:
+        if "=" not in item:
+            raise ConfigError(f"--base {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        doc["base"][k.strip()] = _parse_value(v.strip())
+    for item in axes:
+        if "=" not in item:
+            raise ConfigError(f"--axis {item!r}: expected KEY=V1,V2,...")
+        k, v = item.split("=", 1)
+        values = [x for x in v.split(",") if x.strip()]
+        if "," in k:
+            doc["axes"][k.strip()] = [[_parse_value(p) for p in x.split(":")] for x in values]
+        else:
+            doc["axes"][k.strip()] = [_parse_value(x.strip()) for x in values]
+    return doc
+
+
+@app.command("sweep")
+def sweep_cmd(
+    file: Optional[Path] = typer.Argument(None, help="sweep TOML file (see fedbench/sweep.py for the format)"),
+    base: list[str] = typer.Option([], "--base", help="KEY=VALUE for every run (repeatable; over the file's [base])"),
+    axis: list[str] = typer.Option([], "--axis", help="KEY=V1,V2 axis (repeatable); paired: clients,fraction=10:1.0,50:0.2"),
+    name: Optional[str] = typer.Option(None, "--name", help="sweep name recorded with its runs"),
+    results: Path = typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="runs at a time, each in its own process"),
+    data_dir: Optional[Path] = RUN_ONLY["data_dir"][1],
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and exit"),
+):
+    """Run a grid of configs resumably: complete runs are skipped by config hash."""
+    from fedbench.store import Store, check_results_path
+    from fedbench.sweep import parse_sweep, plan
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise choice_error("--device", device, ("auto", "cpu", "cuda"))
+    if file is None and not axis and not base:
+        raise ConfigError("give a sweep FILE or --axis/--base options")
+    if file is not None:
+        import tomllib
+        try:
+            doc = tomllib.loads(Path(file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"sweep file {file} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"sweep file {file} is not valid TOML: {e}") from None
+        extra = _grid_from_cli(base, axis)
+        doc.setdefault("base", {}).update(extra["base"])
+        doc.setdefault("axes", {}).update(extra["axes"])
+        sw = parse_sweep(doc, str(file))
+    else:
+        sw = parse_sweep(_grid_from_cli(base, axis), "command line")
+    if name:
+        sw.name = name
+    check_results_path(results)
+    if dry_run and not results.exists():
+        from fedbench.config import config_to_cli
+        for cfg in sw.configs:
+            out.print(config_to_cli(cfg), markup=False)
+        out.print(f"{len(sw.configs)} runs ({sw.dropped} duplicate points merged)")
+        return
+    store = Store(results)
+    try:
+        jobs_list = plan(sw, store, data_dir)
+    finally:
+        store.close()
+    todo = [j for j in jobs_list if j.state == "pending"]
+    if dry_run:
+        from fedbench.config import config_to_cli
+        for j in jobs_list:
+            out.print(f"{'skip (complete)' if j.state == 'skipped' else 'run':16} {j.run_id}  {config_to_cli(j.cfg)}",
+                      markup=False)
+        out.print(f"{len(todo)} to run, {len(jobs_list) - len(todo)} complete in {results}")
+        return
+    err.print(f"sweep {sw.name}: {len(jobs_list)} runs, {len(jobs_list) - len(todo)} already complete, "
+              f"{len(todo)} to run with {jobs} at a time")
+    final = _sweep_with_progress(jobs_list, results, data_dir, device, sw.name, jobs)
+    failed = [j for j in final if j.state == "failed"]
+    for j in failed:
+        err.print(f"failed {j.run_id}: {j.error}", markup=False)
+    done = sum(j.state == "done" for j in final)
+    out.print(f"sweep {sw.name}: {done} run, {sum(j.state == 'skipped' for j in final)} skipped, {len(failed)} failed; "
+              f"results in {results}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _sweep_with_progress(jobs_list, results, data_dir, device, name, n_jobs):
+    import time as _time
+
+    from rich.live import Live
+
+    from fedbench.sweep import execute_sweep
+
+    start = _time.time()
+
+    def view(js):
+        c = {s: sum(j.state == s for j in js) for s in ("pending", "running", "done", "failed", "skipped")}
+        done_s = [j.seconds for j in js if j.state == "done"]
+        eta = ""
+        if done_s:
+            left = c["pending"] + c["running"]
+            eta = f"  ETA {sum(done_s) / len(done_s) * left / n_jobs / 60:.1f} min"
+        return (f"sweep {name}: done {c['done']}  running {c['running']}  failed {c['failed']}  "
+                f"pending {c['pending']}  skipped {c['skipped']}  elapsed {(_time.time() - start) / 60:.1f} min{eta}")
+
+    with Live(view(jobs_list), console=err, refresh_per_second=2, transient=False) as live:
+        return execute_sweep(jobs_list, results, data_dir, device, name, n_jobs,
+                             on_change=lambda js: live.update(view(js)))
+
+
+@app.command("report")
+def report_cmd(
+    results: Path = typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store"),
+    out_dir: Path = typer.Option(Path("fedbench-report"), "--out", help="folder for tables, plots and report.md/html"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="only runs on this dataset"),
+    statistic: str = typer.Option("last10", "--statistic", help="last, best or last10 (mean of the last 10 evaluations)"),
+    weighting: str = typer.Option("unweighted", "--weighting", help="unweighted (mean over clients) or weighted (by test samples)"),
+    target: Optional[float] = typer.Option(None, "--target", help="target accuracy for rounds-to-target costs, e.g. 0.9"),
+    focus: str = typer.Option("fedlora", "--focus", help="method whose cost ratios against the best-accuracy baseline are stated"),
+):
+    """Tables (Markdown, HTML, LaTeX, CSV) and plots from a results store."""
+    from fedbench.report.build import build_report
+    from fedbench.report.frame import STATISTICS, WEIGHTINGS
+    from fedbench.store import Store
+
+    if statistic not in STATISTICS:
+        raise choice_error("--statistic", statistic, STATISTICS)
+    if weighting not in WEIGHTINGS:
+        raise choice_error("--weighting", weighting, WEIGHTINGS)
+    if target is not None and not 0 < target <= 1:
+        raise ConfigError(f"--target must be a fraction in (0, 1], got {target}")
+    if not results.is_file():
+        raise ConfigError(f"--results {results} does not exist")
+    store = Store(results)
+    try:
+        info = build_report(store, out_dir, statistic, weighting, target, sweep, dataset, focus)
+    finally:
+        store.close()
+    out.print(f"report of {info['runs']} runs written to {out_dir}/ (report.md, report.html, "
+              f"accuracy/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
 
 
 PARTITION_OPTS = ("dataset", "partition", "clients", "classes_per_client", "alpha", "min_size", "share_low",

@@ -117,6 +117,23 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def config_to_cli(cfg: RunConfig) -> str:
+    """The `fedbench run` command that reproduces ``cfg`` exactly (non-default options only)."""
+    defaults = RunConfig()
+    parts = ["fedbench", "run"]
+    method_defaults = dataclasses.asdict(cfg.method_class().Params())
+    items = [(k, getattr(cfg, k), getattr(defaults, k)) for k in CORE_FIELDS]
+    items += [(k, v, method_defaults.get(k)) for k, v in sorted(cfg.method_params.items())]
+    for k, v, d in items:
+        if k == "method" or v != d:
+            opt = hparams.option_name(k)
+            if isinstance(v, bool):
+                parts.append(opt if v else f"--no-{opt[2:]}")
+            else:
+                parts += [opt, str(v)]
+    return " ".join(parts)
+
+
 def method_params_obj(cfg: RunConfig):
     cls = cfg.method_class()
     return cls.Params(**cfg.method_params)

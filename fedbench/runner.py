@@ -21,8 +21,9 @@ from fedbench.summary import summarize
 
 
 def versions() -> dict:
-    import fvcore  # noqa: F401
     from importlib.metadata import version
+
+    import fvcore  # noqa: F401
     return {"fedbench": fedbench.__version__, "torch": torch.__version__, "numpy": np.__version__,
             "fvcore": version("fvcore"), "python": platform.python_version()}
 

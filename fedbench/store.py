@@ -115,6 +115,19 @@ class Store:
                 [(run_id, r.round, x.client, int(x.selected), x.bytes_up, x.bytes_down, x.train_macs,
                   x.eval_macs, x.train_samples, x.correct, x.total) for x in r.rows])
 
+    def mark_failed(self, run_id: str, cfg, error: str) -> None:
+        """Record a run that failed before (or while) the engine ran it."""
+        with self._tx():
+            if self.status(run_id) is None:
+                self.db.execute(
+                    "INSERT INTO runs (run_id, config_json, method, dataset, label, data_digest, status, error, "
+                    "created_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (run_id, cfg.canonical_json(), cfg.method, cfg.dataset, cfg.method, "", "failed", error,
+                     time.time(), time.time()))
+            else:
+                self.db.execute("UPDATE runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
+                                (error, time.time(), run_id))
+
     def finish_run(self, run_id: str, status: str = "complete", error: str | None = None) -> None:
         with self._tx():
             self.db.execute("UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE run_id = ?",

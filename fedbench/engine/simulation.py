@@ -23,9 +23,9 @@ from torch import nn
 
 from fedbench.config import RunConfig, method_params_obj
 from fedbench.engine.data import FederatedData
-from fedbench.methods.base import Client, Method, Party, Server, Upload
 from fedbench.metering.comm import payload_bytes
 from fedbench.metering.flops import FlopMeter
+from fedbench.methods.base import Client, Method, Party, Server, Upload
 from fedbench.models.cnn import ModuleSpec, cnn_spec, model_assignment
 from fedbench.seeding import derive, numpy_rng, torch_generator
 
@@ -84,7 +84,6 @@ class Simulation:
         self._state: dict[tuple, list[torch.Tensor]] = {}
         self._bound: dict[int, tuple] = {}
         self._samples = np.zeros(cfg.clients, dtype=np.int64)
-        self._stream = 0
         archs = model_assignment(cfg.models, cfg.clients)
         train_labels = data.split_labels["train"]
         self.clients: list[Client] = []
@@ -139,8 +138,9 @@ class Simulation:
     def train_batches(self, client: Client, epochs: int, augment: bool, shuffle: bool):
         cfg, data = self.cfg, self.data
         idx = data.index["train"][client.id]
-        self._stream += 1
-        g = torch_generator(self.device, cfg.seed, "data", client.id, client.round, self._stream)
+        # the n-th call of a client in a round gets stream (client, round, n): the same for any method
+        client.streams += 1
+        g = torch_generator(self.device, cfg.seed, "data", client.id, client.round, client.streams)
         mode = cfg.augment if augment else "none"
         n, bs = len(idx), cfg.batch_size
         for _ in range(epochs):
@@ -188,7 +188,7 @@ class Simulation:
     def run_round(self, t: int) -> RoundResult:
         cfg, method = self.cfg, self.method
         for c in self.clients:
-            c.round = t
+            c.round, c.streams = t, 0
         rows = {c.id: ClientRow(c.id, False) for c in self.clients}
         self._samples[:] = 0
         self._sync()

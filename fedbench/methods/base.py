@@ -83,6 +83,7 @@ class Client(Party):
         self.sizes = sizes          # samples per split: {"train", "val", "test"}
         self.classes = classes      # int64 tensor of the classes present in its training data
         self.round = 0
+        self.streams = 0  # data-order streams drawn this round (engine bookkeeping)
 
     @property
     def n_train(self) -> int:
@@ -148,6 +149,7 @@ class Method(abc.ABC):
 
     def receive(self, client: Client, broadcast) -> None:
         """Only for push == "all": install the broadcast on a client outside its own round."""
+        return None
 
     def predict(self, client: Client, x: torch.Tensor) -> torch.Tensor | None:
         """Logits for evaluation; None means 'undefined' (stored as such, never as 0)."""

@@ -1,0 +1,53 @@
+"""`fedbench report`: tables in four formats, plots, and one Markdown and one self-contained HTML report."""
+
+from __future__ import annotations
+
+import base64
+import html
+import sys
+from pathlib import Path
+
+from fedbench.errors import ConfigError
+from fedbench.report import plots
+from fedbench.report.frame import add_names, run_frame
+from fedbench.report.tables import accuracy_table, cost_table
+
+FORMATS = {"md": "to_markdown", "html": "to_html", "tex": "to_latex", "csv": "to_csv"}
+
+
+def build_report(store, out: Path, stat: str = "last10", weighting: str = "unweighted", target: float | None = None,
+                 sweep: str | None = None, dataset: str | None = None, focus: str | None = "fedlora",
+                 command: str | None = None) -> dict:
+    df, curves = run_frame(store, stat, weighting, target, sweep, dataset)
+    if df.empty:
+        what = " and ".join(x for x in (f"sweep {sweep!r}" if sweep else "", f"dataset {dataset!r}" if dataset else "") if x)
+        raise ConfigError(f"no complete runs in {store.path}" + (f" for {what}" if what else ""))
+    df = add_names(df)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [accuracy_table(df, stat, weighting), cost_table(df, target, focus)]
+    written = []
+    for t in tables:
+        for ext, fn in FORMATS.items():
+            p = out / f"{t.name}.{ext}"
+            p.write_text(getattr(t, fn)())
+            written.append(p)
+    pngs = (plots.accuracy_curves(df, curves, out, weighting) + plots.accuracy_vs_cost(df, out)
+            + plots.rank_mu_heatmaps(df, out) + plots.accuracy_vs_clients(df, out))
+    df.drop(columns=[]).to_csv(out / "runs.csv", index=False)
+    command = command or "fedbench " + " ".join(sys.argv[1:])
+    header = (f"# fedbench report\n\nMade by: `{command}`\n\nStore: `{store.path}` · {len(df)} complete runs"
+              f"{f' · sweep {sweep}' if sweep else ''} · per-run rows in `runs.csv` (run ids, exact commands).\n")
+    md = [header] + [t.to_markdown() for t in tables] + [f"![{p.stem}]({p.name})\n" for p in pngs]
+    (out / "report.md").write_text("\n".join(md))
+    imgs = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+                   f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in pngs)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>fedbench report</title><style>"
+            f"body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table.fb{{border-collapse:collapse;margin:1em 0}}"
+            f"table.fb td,table.fb th{{border-bottom:1px solid #ccc;padding:3px 8px;text-align:right}}"
+            f"table.fb td:first-child{{text-align:left}}caption{{text-align:left;font-weight:bold;padding:4px}}"
+            f"img{{max-width:100%}}</style></head><body><h1>fedbench report</h1>"
+            f"<p>Made by: <code>{html.escape(command)}</code></p><p>{len(df)} complete runs</p>"
+            + "".join(t.to_html() for t in tables) + imgs + "</body></html>")
+    (out / "report.html").write_text(page)
+    return {"runs": len(df), "files": [str(p) for p in written] + [str(p) for p in pngs]
+            + [str(out / "report.md"), str(out / "report.html")]}

@@ -1,0 +1,109 @@
+"""From the store to one row per run: config columns, accuracy under a named statistic, costs.
+
+Statistics (every table caption names the one used):
+* ``last``: accuracy at the last evaluated round;
+* ``best``: the maximum over evaluated rounds (PFLlib/HtFLlib convention);
+* ``last10``: the mean of the last 10 evaluated rounds (the pFedLoRA authors' convention).
+Population: all clients. Weighting: ``unweighted`` (mean of per-client accuracies) or ``weighted``
+(sample-weighted, sum correct / sum total).
+
+Rounds to target follow the paper family's convention (spec A.6): the first round whose mean
+accuracy reaches the target; cost to target = rounds to target x cost per round.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from fedbench.summary import accuracy_series
+
+STATISTICS = ("last", "best", "last10")
+WEIGHTINGS = ("unweighted", "weighted")
+# config keys that never define a setting: the method, the seed, and evaluation-only knobs
+NOT_SETTING = {"method", "seed", "eval_batch_size", "eval_every", "method_params"}
+
+
+def statistic(series: np.ndarray, stat: str) -> float:
+    if series.size == 0:
+        return float("nan")
+    if stat == "last":
+        return float(series[-1])
+    if stat == "best":
+        return float(series.max())
+    return float(series[-10:].mean())
+
+
+def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target: float | None = None,
+              sweep: str | None = None, dataset: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """One row per complete run, plus {run_id: accuracy-per-round DataFrame}."""
+    runs = store.runs(status="complete")
+    if sweep:
+        runs = runs[runs["sweep"] == sweep]
+    rows, curves = [], {}
+    for _, r in runs.iterrows():
+        cfg = json.loads(r["config_json"])
+        if dataset and cfg["dataset"] != dataset:
+            continue
+        cr = store.client_rounds(r["run_id"])
+        rounds = store.rounds(r["run_id"])
+        acc = accuracy_series(cr)
+        col = "acc_mean" if weighting == "unweighted" else "acc_weighted"
+        curves[r["run_id"]] = acc.rename(columns={col: "accuracy"})[["round", "accuracy"]]
+        n_rounds = max(int(rounds["round"].max()), 1)
+        per_round = cr.groupby("round")[["bytes_up", "bytes_down", "train_macs"]].sum().mean()
+        reached = acc[acc["acc_mean"] >= target]["round"] if target is not None else pd.Series(dtype=int)
+        rtt = int(reached.iloc[0]) if len(reached) else None
+        row = {k: v for k, v in cfg.items() if k != "method_params"}
+        row.update({f"hp_{k}": v for k, v in cfg["method_params"].items()})
+        row.update(
+            run_id=r["run_id"], label=r["label"], command=r["command"], sweep=r["sweep"],
+            accuracy=statistic(acc[col].to_numpy(dtype=float), stat),
+            bytes_up_round=float(per_round["bytes_up"]), bytes_down_round=float(per_round["bytes_down"]),
+            client_tflop_round=2 * float(per_round["train_macs"]) / 1e12,
+            server_tflop_round=2 * float(rounds["server_macs"].sum()) / 1e12 / n_rounds,
+            rounds_to_target=rtt, wall_s=float(rounds["wall_s"].sum()),
+        )
+        row["bytes_round"] = row["bytes_up_round"] + row["bytes_down_round"]
+        if rtt is not None:
+            row["bytes_to_target"] = row["bytes_round"] * rtt
+            row["tflop_to_target"] = row["client_tflop_round"] * rtt
+        rows.append(row)
+    return pd.DataFrame(rows), curves
+
+
+def variant_columns(df: pd.DataFrame) -> list[str]:
+    """Method hyper-parameters that vary within some method: they name method variants."""
+    out = []
+    for c in [c for c in df.columns if c.startswith("hp_")]:
+        if df.groupby("method")[c].nunique(dropna=True).max() > 1:
+            out.append(c)
+    return out
+
+
+def setting_columns(df: pd.DataFrame) -> list[str]:
+    """Core options (not method hyper-parameters) that vary across the runs: they define settings."""
+    from fedbench.config import CORE_FIELDS
+    cols = [k for k in CORE_FIELDS if k not in NOT_SETTING and k in df.columns and df[k].nunique(dropna=False) > 1]
+    return cols or ["dataset"]
+
+
+def add_names(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    var = variant_columns(df)
+
+    def show(v):
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+    def name(r):
+        extras = [f"{c[3:]}={show(r[c])}" for c in var if pd.notna(r.get(c))]
+        return r["method"] + (f" ({', '.join(extras)})" if extras else "")
+
+    def setting(r):
+        return ", ".join(f"{k}={show(r[k])}" for k in setting_columns(df))
+
+    df["variant"] = df.apply(name, axis=1)
+    df["setting"] = df.apply(setting, axis=1)
+    return df

@@ -1,0 +1,108 @@
+"""Seaborn plots of a run frame. Each function returns the PNG paths it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_curves(df: pd.DataFrame, curves: dict, out: Path, weighting: str) -> list[Path]:
+    rows = []
+    for _, r in df.iterrows():
+        c = curves[r["run_id"]].copy()
+        c["variant"], c["setting"] = r["variant"], r["setting"]
+        rows.append(c)
+    if not rows:
+        return []
+    long = pd.concat(rows)
+    long["accuracy"] *= 100
+    settings = list(dict.fromkeys(long["setting"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
+    for ax, s in zip(axes[0], settings, strict=True):
+        sns.lineplot(data=long[long["setting"] == s], x="round", y="accuracy", hue="variant", errorbar="sd", ax=ax)
+        ax.set_title(s, fontsize=8)
+        ax.set_ylabel(f"mean local test accuracy (%), {weighting}")
+        ax.legend(fontsize=7)
+    return [_save(fig, out / "accuracy_rounds.png")]
+
+
+def pareto_mask(cost: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """Points no other point beats on both lower cost and higher accuracy."""
+    keep = np.ones(len(cost), bool)
+    for i in range(len(cost)):
+        dominated = (cost <= cost[i]) & (acc >= acc[i]) & ((cost < cost[i]) | (acc > acc[i]))
+        keep[i] = not dominated.any()
+    return keep
+
+
+def accuracy_vs_cost(df: pd.DataFrame, out: Path) -> list[Path]:
+    agg = df.groupby(["setting", "variant"], sort=False).agg(
+        accuracy=("accuracy", "mean"), bytes=("bytes_round", "mean"), tflop=("client_tflop_round", "mean")).reset_index()
+    agg["accuracy"] *= 100
+    paths = []
+    for col, label, fname in (("bytes", "bytes per round (up + down, all clients)", "accuracy_vs_bytes.png"),
+                              ("tflop", "client TFLOP per round (2 × fvcore MACs)", "accuracy_vs_flops.png")):
+        settings = list(dict.fromkeys(agg["setting"]))
+        fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+        for ax, s in zip(axes[0], settings, strict=True):
+            sub = agg[agg["setting"] == s].copy()
+            x = sub[col].to_numpy(float)
+            xplot = np.where(x > 0, x, np.nan)
+            sub["x"] = xplot
+            sns.scatterplot(data=sub, x="x", y="accuracy", hue="variant", ax=ax, s=60)
+            mask = pareto_mask(np.nan_to_num(x, nan=0.0), sub["accuracy"].to_numpy(float)) & (x > 0)
+            front = sub[mask].sort_values("x")
+            ax.plot(front["x"], front["accuracy"], "k--", lw=1, label="Pareto front")
+            if (x > 0).any():
+                ax.set_xscale("log")
+            ax.set_xlabel(label + " (zero-cost methods not shown)" if (x == 0).any() else label)
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(s, fontsize=8)
+            ax.legend(fontsize=7)
+        paths.append(_save(fig, out / fname))
+    return paths
+
+
+def rank_mu_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
+    if not {"hp_rank", "hp_mu"} <= set(df.columns):
+        return []
+    sub = df[df["hp_rank"].notna() & df["hp_mu"].notna()]
+    if sub["hp_rank"].nunique() < 2 or sub["hp_mu"].nunique() < 2:
+        return []
+    paths = []
+    for s, g in sub.groupby("setting", sort=False):
+        piv = g.pivot_table(index="hp_rank", columns="hp_mu", values="accuracy", aggfunc="mean") * 100
+        fig, ax = plt.subplots(figsize=(1.2 * piv.shape[1] + 2.5, 0.6 * piv.shape[0] + 2))
+        sns.heatmap(piv, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": "accuracy (%)"})
+        ax.set_xlabel("mu")
+        ax.set_ylabel("rank r")
+        ax.set_title(f"FedLoRA rank × mu, {s}", fontsize=8)
+        paths.append(_save(fig, out / f"rank_mu_{len(paths)}.png"))
+    return paths
+
+
+def accuracy_vs_clients(df: pd.DataFrame, out: Path) -> list[Path]:
+    if df["clients"].nunique() < 2:
+        return []
+    d = df.copy()
+    d["accuracy"] *= 100
+    d["N (C)"] = d["clients"].astype(str) + " (" + d["fraction"].astype(str) + ")"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.pointplot(data=d.sort_values("clients"), x="N (C)", y="accuracy", hue="variant", errorbar="sd", ax=ax, dodge=0.3)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    return [_save(fig, out / "accuracy_vs_clients.png")]

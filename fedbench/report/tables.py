@@ -1,0 +1,177 @@
+"""Comparison tables rendered to Markdown, HTML, LaTeX (booktabs table body) and CSV."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "±": r"$\pm$", "×": r"$\times$"}
+
+
+@dataclass
+class Cell:
+    text: str
+    value: float = math.nan
+    bold: bool = False
+    mark: bool = False  # not significantly different from the best
+
+
+@dataclass
+class Table:
+    name: str
+    caption: str
+    header: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        def fmt(c: Cell) -> str:
+            t = c.text + (" †" if c.mark else "")
+            return f"**{t}**" if c.bold else t
+        lines = [f"**{self.caption}**", "", "| " + " | ".join(self.header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(self.header) - 1)) + "|"]
+        lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in self.rows]
+        lines += [""] + [f"_{n}_" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        def fmt(c: Cell) -> str:
+            t = html.escape(c.text) + (" &dagger;" if c.mark else "")
+            return f"<b>{t}</b>" if c.bold else t
+        out = [f"<table class='fb'><caption>{html.escape(self.caption)}</caption><thead><tr>"]
+        out += [f"<th>{html.escape(h)}</th>" for h in self.header]
+        out.append("</tr></thead><tbody>")
+        for row in self.rows:
+            out.append("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>")
+        out.append("</tbody></table>")
+        out += [f"<p class='note'>{html.escape(n)}</p>" for n in self.notes]
+        return "\n".join(out)
+
+    def to_latex(self) -> str:
+        def esc(t: str) -> str:
+            return "".join(_LATEX.get(ch, ch) for ch in t)
+
+        def fmt(c: Cell) -> str:
+            t = esc(c.text) + (r"$^\dagger$" if c.mark else "")
+            return rf"\textbf{{{t}}}" if c.bold else t
+        spec = "l" + "r" * (len(self.header) - 1)
+        lines = [f"% {self.caption}", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+                 " & ".join(esc(h) for h in self.header) + r" \\", r"\midrule"]
+        lines += [" & ".join(fmt(c) for c in row) + r" \\" for row in self.rows]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        df = pd.DataFrame([[c.text for c in row] for row in self.rows], columns=self.header)
+        return df.to_csv(index=False)
+
+
+def _seeds_agg(values: pd.Series) -> tuple[float, float, int]:
+    v = values.dropna().to_numpy(dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def accuracy_table(df: pd.DataFrame, stat: str, weighting: str, alpha: float = 0.05) -> Table:
+    """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best."""
+    settings = list(dict.fromkeys(df["setting"]))
+    variants = list(dict.fromkeys(df.sort_values(["method", "variant"])["variant"]))
+    stat_name = {"last": "last evaluated round", "best": "best round", "last10": "mean of the last 10 evaluations"}[stat]
+    t = Table("accuracy",
+              f"Mean local test accuracy (%) over all clients, {weighting} over clients, {stat_name}; "
+              f"mean ± std over seeds (n). Bold: best per setting; †: not significantly different from the best "
+              f"(Welch's t-test, p ≥ {alpha}).",
+              ["method"] + settings)
+    cells = {}
+    for s in settings:
+        sub = df[df["setting"] == s]
+        groups = {v: sub[sub["variant"] == v]["accuracy"] * 100 for v in variants}
+        aggs = {v: _seeds_agg(g) for v, g in groups.items()}
+        valid = {v: a for v, a in aggs.items() if a[2] > 0}
+        best = max(valid, key=lambda v: valid[v][0]) if valid else None
+        for v in variants:
+            m, sd, n = aggs[v]
+            if n == 0:
+                cells[(v, s)] = Cell("–")
+                continue
+            c = Cell(f"{m:.2f} ± {sd:.2f} ({n})", m, bold=(v == best))
+            if v != best and best is not None and n > 1 and aggs[best][2] > 1:
+                a, b = groups[best].dropna().to_numpy(float), groups[v].dropna().to_numpy(float)
+                if np.std(a) + np.std(b) == 0:
+                    p = 1.0 if np.mean(a) == np.mean(b) else 0.0
+                else:
+                    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+                c.mark = p >= alpha
+            cells[(v, s)] = c
+    for v in variants:
+        t.rows.append([Cell(v)] + [cells[(v, s)] for s in settings])
+    if (df.groupby(["variant", "setting"]).size() < 2).any():
+        t.notes.append("Cells with a single seed get no significance mark.")
+    return t
+
+
+def _fmt_bytes(b: float) -> str:
+    if not np.isfinite(b):
+        return "–"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= div:
+            return f"{b / div:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None) -> Table:
+    """Per variant and setting: bytes and FLOPs per round, rounds/bytes/FLOPs to the target accuracy, and
+    the ratios of the best-accuracy baseline's costs to the focus method's (as the FedLoRA abstract states them)."""
+    header = ["method", "setting", "up / round", "down / round", "client TFLOP / round", "server TFLOP / round"]
+    if target is not None:
+        header += [f"rounds to {target:.0%}", "bytes to target", "TFLOP to target"]
+    cap = ("Costs per round (mean over seeds; all clients, up and down separately; FLOPs = 2 × fvcore MACs, "
+           "training only")
+    cap += f"), and to reach {target:.0%} mean accuracy (first round reaching it)." if target is not None else ")."
+    t = Table("costs", cap, header)
+    g = df.groupby(["setting", "variant"], sort=False)
+    agg = g.agg(up=("bytes_up_round", "mean"), down=("bytes_down_round", "mean"),
+                tflop=("client_tflop_round", "mean"), server=("server_tflop_round", "mean"),
+                acc=("accuracy", "mean"), method=("method", "first"),
+                rtt=("rounds_to_target", lambda x: x.dropna().mean() if x.notna().any() else np.nan),
+                reached=("rounds_to_target", lambda x: int(x.notna().sum())), n=("accuracy", "size")).reset_index()
+    agg["bytes_tt"] = (agg["up"] + agg["down"]) * agg["rtt"]
+    agg["tflop_tt"] = agg["tflop"] * agg["rtt"]
+    for _, r in agg.sort_values(["setting", "method", "variant"]).iterrows():
+        row = [Cell(r["variant"]), Cell(r["setting"]), Cell(_fmt_bytes(r["up"])), Cell(_fmt_bytes(r["down"])),
+               Cell(f"{r['tflop']:.4f}"), Cell(f"{r['server']:.4f}")]
+        if target is not None:
+            rtt = "not reached" if r["reached"] == 0 else f"{r['rtt']:.1f}" + (
+                f" ({r['reached']}/{r['n']} seeds)" if r["reached"] < r["n"] else "")
+            row += [Cell(rtt), Cell(_fmt_bytes(r["bytes_tt"])),
+                    Cell("–" if not np.isfinite(r["tflop_tt"]) else f"{r['tflop_tt']:.3f}")]
+        t.rows.append(row)
+    if focus is not None and (agg["method"] == focus).any():
+        for s, sub in agg.groupby("setting", sort=False):
+            mine = sub[sub["method"] == focus].sort_values("acc").iloc[-1]
+            others = sub[sub["method"] != focus]
+            if others.empty:
+                continue
+            base = others.sort_values("acc").iloc[-1]
+            ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points"]
+            for name, a, b in (("communication per round", base["up"] + base["down"], mine["up"] + mine["down"]),
+                               ("computation per round", base["tflop"], mine["tflop"]),
+                               ("communication to target", base["bytes_tt"], mine["bytes_tt"]),
+                               ("computation to target", base["tflop_tt"], mine["tflop_tt"])):
+                if not (np.isfinite(a) and np.isfinite(b)):
+                    continue
+                if a == 0 or b == 0:
+                    ratios.append(f"{name} {_fmt_bytes(b) if 'communication' in name else f'{b:.3f} TFLOP'} vs "
+                                  f"{_fmt_bytes(a) if 'communication' in name else f'{a:.3f} TFLOP'}")
+                else:
+                    ratios.append(f"{name} {a / b:.2f}× lower" if a >= b else f"{name} {b / a:.2f}× higher")
+            t.notes.append(f"{mine['variant']} vs the best-accuracy baseline {base['variant']} "
+                           f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
+    return t
