@@ -32,6 +32,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and partitio
 app.add_typer(data_app, name="data")
 
 out = Console(soft_wrap=True)
+INVOCATION: list[str] = ["fedbench"]  # the command line as typed, recorded with results
 err = Console(stderr=True)
 
 RUN_ONLY = {  # options of `run` that are not part of a run's identity
@@ -172,7 +173,7 @@ def _execute_with_progress(p, store, execute, quiet: bool) -> dict:
     )
 
     if quiet:
-        return execute(p, store)
+        return execute(p, store, command=_invocation())
     cols = (TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*cols, console=err, transient=False) as prog:
@@ -182,7 +183,7 @@ def _execute_with_progress(p, store, execute, quiet: bool) -> dict:
             a, _ = r.accuracy()
             prog.update(task, advance=1, acc=f"mean acc {_pct(a)}" if a is not None else prog.tasks[0].fields["acc"])
 
-        return execute(p, store, on_round)
+        return execute(p, store, on_round, command=_invocation())
 
 
 run.__signature__ = _run_signature()  # type: ignore[attr-defined]
@@ -222,6 +223,11 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
         out.print(", ".join(PARTITIONERS))
     else:
         raise choice_error("list topic", what, ("methods", "datasets", "models", "partitions"))
+
+
+def _invocation() -> str:
+    import shlex
+    return shlex.join(INVOCATION)
 
 
 def _parse_value(text: str):
@@ -376,7 +382,8 @@ def report_cmd(
         raise ConfigError(f"--results {results} does not exist")
     store = Store(results)
     try:
-        info = build_report(store, out_dir, statistic, weighting, target, sweep, dataset, focus)
+        info = build_report(store, out_dir, statistic, weighting, target, sweep, dataset, focus,
+                            command=_invocation())
     finally:
         store.close()
     out.print(f"report of {info['runs']} runs written to {out_dir}/ (report.md, report.html, "
@@ -458,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args:
         args = ["--help"]
+    INVOCATION[:] = ["fedbench", *args]
     try:
         rv = cmd.main(args=args, prog_name="fedbench", standalone_mode=False)
     except typer.Exit as e:

@@ -135,7 +135,7 @@ class Simulation:
             self._bound[id(ws)] = owner
         return ws
 
-    def train_batches(self, client: Client, epochs: int, augment: bool, shuffle: bool):
+    def train_batches(self, client: Client, epochs: int, augment: bool, shuffle: bool, count: bool = True):
         cfg, data = self.cfg, self.data
         idx = data.index["train"][client.id]
         # the n-th call of a client in a round gets stream (client, round, n): the same for any method
@@ -147,7 +147,8 @@ class Simulation:
             order = idx[torch.randperm(n, generator=g, device=self.device)] if shuffle else idx
             for s in range(0, n, bs):
                 b = order[s:s + bs]
-                self._samples[client.id] += len(b)
+                if count:
+                    self._samples[client.id] += len(b)
                 yield data.transform.train(data.images[b], mode, g), data.labels[b]
 
     def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:

@@ -89,10 +89,14 @@ class Client(Party):
     def n_train(self) -> int:
         return self.sizes["train"]
 
-    def batches(self, epochs: int = 1, *, augment: bool = True, shuffle: bool = True
+    def batches(self, epochs: int = 1, *, augment: bool = True, shuffle: bool = True, count: bool = True
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches (x float NCHW on device, y int64), reshuffled every epoch (seeded)."""
-        return self._rt.train_batches(self, epochs, augment, shuffle)
+        """Training batches (x float NCHW on device, y int64), reshuffled every epoch (seeded).
+
+        ``count=False`` for passes that do not train (e.g. collecting prototypes): their samples are
+        not added to the client's trained-sample count (their FLOPs are metered all the same).
+        """
+        return self._rt.train_batches(self, epochs, augment, shuffle, count)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         """The run's local optimiser (SGD lr/momentum/weight decay of the config) over ``params``."""

@@ -155,10 +155,11 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
         t.rows.append(row)
     if focus is not None and (agg["method"] == focus).any():
         for s, sub in agg.groupby("setting", sort=False):
-            mine = sub[sub["method"] == focus].sort_values("acc").iloc[-1]
+            mine_rows = sub[sub["method"] == focus]
             others = sub[sub["method"] != focus]
-            if others.empty:
+            if others.empty or mine_rows.empty:
                 continue
+            mine = mine_rows.sort_values("acc").iloc[-1]
             base = others.sort_values("acc").iloc[-1]
             ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points"]
             for name, a, b in (("communication per round", base["up"] + base["down"], mine["up"] + mine["down"]),
