@@ -23,5 +23,20 @@ def lint(session):
 
 @nox.session(venv_backend="none")
 def nightly(session):
-    """Real-data runs marked `nightly` (minutes each on a 2-core CPU)."""
+    """Real-data tests marked `nightly`, then the nightly ablation sweep and its report in reports/nightly/.
+
+    Needs FEDBENCH_DATA_DIR with cifar10.npz. The sweep resumes: a killed night continues where it stopped.
+    """
     session.run("python", "-m", "pytest", "-m", "nightly", "-v", *session.posargs)
+    store = "nightly.sqlite"
+    session.run("fedbench", "sweep", "benchmarks/nightly.toml", "--results", store, "--jobs", "2")
+    session.run("fedbench", "report", "--results", store, "--sweep", "nightly", "--out", "reports/nightly",
+                "--statistic", "last", "--target", "0.8")
+
+
+@nox.session(venv_backend="none")
+def bench(session):
+    """Speed suite on real CIFAR-10: ceiling, reference loop, engine (batch 64 and 10), scale. Writes JSON."""
+    session.run("python", "benchmarks/speed.py", "--out", "bench-64.json", *session.posargs)
+    session.run("python", "benchmarks/speed.py", "--batch-size", "10", "--out", "bench-10.json", *session.posargs)
+    session.run("python", "benchmarks/scale.py", "--out", "bench-scale.json", *session.posargs)

@@ -53,6 +53,9 @@ class RunConfig:
                                            "code), train, uniform", choices=AGG_WEIGHTS)
     eval_every: int = hparam(1, "evaluate all clients every this many rounds (and at the last round)", low=1)
     eval_batch_size: int = hparam(2048, "evaluation batch size (does not change results)", low=1)
+    precision: str = hparam("fp32", "client compute precision: fp32, or bf16 autocast (parameters stay fp32)",
+                            choices=("fp32", "bf16"))
+    channels_last: bool = hparam(False, "channels-last memory format for images and conv weights (same math)")
     seed: int = hparam(42, "master seed: partition, initialisation, sampling, data order, augmentation")
     method_params: dict = field(default_factory=dict)
 

@@ -18,18 +18,20 @@ AUGMENTATIONS = ("spec", "flip-crop", "none")
 
 
 class BatchTransform:
-    def __init__(self, mean, std, device: torch.device, dtype=torch.float32):
+    def __init__(self, mean, std, device: torch.device, dtype=torch.float32, channels_last: bool = False):
         self.mean = torch.tensor(mean, device=device, dtype=dtype) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, device=device, dtype=dtype) * 255.0)
         self.dtype = dtype
+        self.channels_last = channels_last
 
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> normalised float NHWC."""
         return (x_u8.to(self.dtype) - self.mean) * self.inv_std
 
-    @staticmethod
-    def to_nchw(x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2).contiguous()
+    def to_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW view; a permuted NHWC tensor already is channels-last in memory."""
+        x = x.permute(0, 3, 1, 2)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
     def eval(self, x_u8: torch.Tensor) -> torch.Tensor:
         return self.to_nchw(self.normalize(x_u8))

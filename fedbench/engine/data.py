@@ -45,4 +45,5 @@ def build_federated_data(arrays: Arrays, cfg, device: torch.device) -> Federated
     labels = torch.from_numpy(y_all).to(device)
     index = {s: [torch.from_numpy(offsets[s][ix]).to(device) for ix in part.indices[s]] for s in SPLITS}
     return FederatedData(images, labels, index, part, split_labels,
-                         BatchTransform(arrays.info.mean, arrays.info.std, device), arrays.info.num_classes)
+                         BatchTransform(arrays.info.mean, arrays.info.std, device, channels_last=cfg.channels_last),
+                         arrays.info.num_classes)

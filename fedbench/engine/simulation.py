@@ -13,6 +13,7 @@ when the method asks for it, so nothing is rebuilt per round.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,9 +119,20 @@ class Simulation:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive(self.cfg.seed, "init", *map(str, ident)))
             fresh = spec.build()
-        tensors = [t.detach().to(self.device).clone() for t in (*fresh.parameters(), *fresh.buffers())]
+        tensors = [self._layout(t.detach().to(self.device).clone()) for t in (*fresh.parameters(), *fresh.buffers())]
         self._state[(*key, name)] = tensors
         return self.bound_module(party, name)
+
+    def _layout(self, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.channels_last and t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def compute(self):
+        """The precision context of client computation (bf16 autocast, or nothing)."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def bound_module(self, party: Party, name: str) -> nn.Module:
         key = self._key(party)
@@ -206,7 +218,7 @@ class Simulation:
             row.selected = True
             if method.push == "selected":
                 row.bytes_down += payload_bytes(self.broadcast)
-            with self.meter.scope(k, "train"):
+            with self.meter.scope(k, "train"), self.compute():
                 up = method.client_update(c, self.broadcast)
             row.bytes_up += payload_bytes(up)
             uploads.append(Upload(k, float(wk), up))
@@ -222,7 +234,7 @@ class Simulation:
         evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
         if evaluated:
             for c in self.clients:
-                with self.meter.scope(c.id, "eval"):
+                with self.meter.scope(c.id, "eval"), self.compute():
                     rows[c.id].correct, rows[c.id].total = self.evaluate(c)
         self._sync()
         t2 = time.perf_counter()

@@ -34,12 +34,14 @@ def _fvcore_macs_per_sample(module: nn.Module, x: torch.Tensor) -> int:
         warnings.simplefilter("ignore")  # fvcore's import and tracer warn about torch.jit
         from fvcore.nn import FlopCountAnalysis
 
-        sample = x[:1].detach().clone()
-        analysis = FlopCountAnalysis(module, sample)
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        analysis.tracer_warnings("none")
-        return int(analysis.total())
+        sample = x[:1].detach().float().clone()
+        # MACs do not depend on precision; trace in fp32 outside any autocast region
+        with torch.autocast(device_type=sample.device.type, enabled=False):
+            analysis = FlopCountAnalysis(module, sample)
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            analysis.tracer_warnings("none")
+            return int(analysis.total())
 
 
 class FlopMeter:

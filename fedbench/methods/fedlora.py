@@ -57,7 +57,8 @@ class FedLoRA(Method):
     @classmethod
     def label(cls, p) -> str:
         return (f"FedLoRA (reconstruction: {p.adapter}, r={p.rank}, mu={p.mu}, "
-                f"E1/E2={{E}}/{p.adapter_epochs or '{E}'}, eval={p.eval_mode})")
+                f"E2={p.adapter_epochs or 'E'}, eval={p.eval_mode}"
+                f"{'/' + p.eval_adapter if p.eval_mode == 'combined' else ''})")
 
     def adapter_spec(self) -> ModuleSpec:
         hp, K = self.hp, self.run.num_classes
