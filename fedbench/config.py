@@ -102,6 +102,10 @@ def make_config(values: dict[str, Any]) -> RunConfig:
     if not isinstance(method_name, str):
         raise ConfigError(f"--method must be a method name, got {method_name!r}")
     method_cls = get_method(method_name)
+    clash = sorted({f.name for f in dataclasses.fields(method_cls.Params)} & set(CORE_FIELDS))
+    if clash:
+        raise ConfigError(f"method {method_name} declares option {hparams.option_name(clash[0])}, which is a run "
+                          f"option; the plugin must rename it")
     checked = {k: hparams.coerce(CORE_FIELDS[k], v, "run") for k, v in core.items()}
     mp = hparams.build(method_cls.Params, rest, f"method {method_name}")
     cfg = RunConfig(**checked, method_params=dataclasses.asdict(mp))

@@ -202,6 +202,7 @@ class Simulation:
         cfg, method = self.cfg, self.method
         for c in self.clients:
             c.round, c.streams = t, 0
+        self.server.round = t
         rows = {c.id: ClientRow(c.id, False) for c in self.clients}
         self._samples[:] = 0
         self._sync()

@@ -110,6 +110,10 @@ class Client(Party):
 class Server(Party):
     """The server: may own modules (a global model, a header) and train them (metered as server)."""
 
+    def __init__(self, runtime) -> None:
+        super().__init__(runtime)
+        self.round = 0  # the round being aggregated (1-based), set by the engine
+
     def optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
         return self._rt.make_optimizer(params, lr=lr)
 

@@ -1,0 +1,343 @@
+"""FML and FedKD (spec C.7, C.8): payload shapes and bytes, local losses against a hand computation,
+server rules on hand-made uploads, FedKD's truncated SVD (energy, minimal rank, schedule, exact round
+trip of a low-rank update), reproducibility and a synthetic smoke run."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_sim, small_config
+
+from baselines.fedkd import compress, decompress, energy_rank, fedkd_losses, svd_factors
+from baselines.fml import fml_losses
+from fedbench.metering.comm import payload_bytes, payload_numel
+from fedbench.methods.base import Upload, snapshot
+from fedbench.models.cnn import cnn_spec
+
+K = 10
+CNN5_PARAMS = 670_058  # spec C.1, K = 10
+CNN5_SHAPES = {k: v.shape for k, v in cnn_spec("cnn5", K).build().named_parameters()}
+
+
+def spy_server(sim) -> list:
+    """Record (uploads, broadcast) of every server_update call."""
+    seen = []
+    orig = sim.method.server_update
+
+    def spy(server, ups):
+        out = orig(server, ups)
+        seen.append((list(ups), out))
+        return out
+
+    sim.method.server_update = spy
+    return seen
+
+
+# --- hand computations --------------------------------------------------------------------------
+
+def _softmax(z):
+    e = [math.exp(v) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def _ce(z, y):
+    return -math.log(_softmax(z)[y])
+
+
+def _kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+LOGITS_A = [[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]]
+LOGITS_B = [[0.0, 1.0, 1.0], [2.0, 0.0, -1.0]]
+Y = [1, 2]
+
+
+# --- FML ----------------------------------------------------------------------------------------
+
+def test_cnn5_size_matches_spec():
+    assert sum(s.numel() for s in CNN5_SHAPES.values()) == CNN5_PARAMS
+
+
+def test_fml_payload_is_the_cnn5_meme_both_ways():
+    sim = make_sim(small_config(method="fml", rounds=1, fraction=0.6))
+    seen = spy_server(sim)
+    before = [snapshot(c.module("model")) for c in sim.clients]
+    res = sim.run_round(1)
+    for c, b in zip(sim.clients, before, strict=True):  # only the selected private models trained
+        changed = any(not torch.equal(v, c.module("model").state_dict()[k]) for k, v in b.items())
+        assert changed == res.rows[c.id].selected
+    c = sim.clients[1]  # evaluation uses the private model alone
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sim.method.predict(c, x), c.module("model")(x)[0])
+    per = CNN5_PARAMS * 4
+    assert sum(r.selected for r in res.rows) == 3
+    for r in res.rows:
+        assert r.bytes_up == (per if r.selected else 0)
+        assert r.bytes_down == (per if r.selected else 0)
+        assert (r.train_macs > 0) == r.selected
+    ups, bc = seen[0]
+    for u in ups:
+        assert {k: v.shape for k, v in u.payload.items()} == CNN5_SHAPES
+    assert {k: v.shape for k, v in bc.items()} == CNN5_SHAPES
+    assert payload_numel(bc) == CNN5_PARAMS
+
+
+def test_fml_losses_match_hand_computation():
+    alpha, beta = 0.3, 0.7
+    a = torch.tensor(LOGITS_A, requires_grad=True)
+    b = torch.tensor(LOGITS_B, requires_grad=True)
+    l_local, l_meme = fml_losses(a, b, torch.tensor(Y), alpha, beta)
+    pa = [_softmax(z) for z in LOGITS_A]
+    pb = [_softmax(z) for z in LOGITS_B]
+    exp_local = (alpha * _mean([_ce(z, y) for z, y in zip(LOGITS_A, Y, strict=True)])
+                 + (1 - alpha) * _mean([_kl(q, p) for p, q in zip(pa, pb, strict=True)]))
+    exp_meme = (beta * _mean([_ce(z, y) for z, y in zip(LOGITS_B, Y, strict=True)])
+                + (1 - beta) * _mean([_kl(p, q) for p, q in zip(pa, pb, strict=True)]))
+    assert l_local.item() == pytest.approx(exp_local, rel=1e-5)
+    assert l_meme.item() == pytest.approx(exp_meme, rel=1e-5)
+    # the other model's output is a detached target
+    l_local.backward()
+    assert b.grad is None and a.grad is not None
+
+
+def test_fml_server_is_unweighted_mean():
+    sim = make_sim(small_config(method="fml", rounds=1))
+    ones = {k: torch.ones(s) for k, s in CNN5_SHAPES.items()}
+    ups = [Upload(0, 0.1, ones), Upload(1, 0.9, {k: 3 * v for k, v in ones.items()})]
+    g = sim.method.server_update(sim.server, ups)
+    for k, v in g.items():
+        torch.testing.assert_close(v, torch.full(CNN5_SHAPES[k], 2.0))
+    torch.testing.assert_close(snapshot(sim.server.module("meme")), g)
+
+
+
+
+# --- FedKD --------------------------------------------------------------------------------------
+
+def code_numel(code, shape) -> int:
+    """Numbers in one tensor's code, recomputed from the payload's own shapes (checked against the
+    dense shape): dense tensor, factor pair A (m x r), B (r x n), or one pair per kernel position."""
+    if isinstance(code, torch.Tensor):
+        assert code.shape == shape
+        return code.numel()
+    if isinstance(code, dict):
+        (m, r), (r2, n) = code["a"].shape, code["b"].shape
+        assert r == r2 and m == shape[0] and n == math.prod(shape[1:])
+        return r * (m + n)
+    out, inp, kh, kw = shape
+    assert len(code) == kh * kw
+    total = 0
+    for pair in code:
+        (m, r), (r2, n) = pair["a"].shape, pair["b"].shape
+        assert (m, n, r) == (out, inp, r2)
+        total += r * (m + n)
+    return total
+
+
+def payload_code_numel(code: dict) -> int:
+    assert set(code) == set(CNN5_SHAPES)
+    return sum(code_numel(c, CNN5_SHAPES[k]) for k, c in code.items())
+
+
+@pytest.mark.parametrize("mode", ["update", "params"])
+def test_fedkd_bytes_are_the_factors_sent(mode):
+    sim = make_sim(small_config(method="fedkd", fraction=0.6, fedkd_compress=mode))
+    seen = spy_server(sim)
+    results = [sim.run_round(1), sim.run_round(2)]
+    dense = 4 * CNN5_PARAMS
+    for t, (res, (ups, bc)) in enumerate(zip(results, seen, strict=True)):
+        (key,) = bc
+        assert key == mode
+        down = 4 * payload_code_numel(bc[key]) + (dense if t == 0 else 0)  # round 1: the initial mentee
+        up = {u.client: 4 * payload_code_numel(u.payload) for u in ups}
+        assert all(0 < v <= dense for v in up.values())
+        assert 4 * payload_code_numel(bc[key]) <= dense
+        for r in res.rows:
+            assert r.bytes_up == (up[r.client] if r.selected else 0)
+            assert r.bytes_down == down  # push = "all": every client receives the broadcast
+        assert payload_bytes(bc) == 4 * payload_code_numel(bc[key])
+    # SVD compression is effective on the large matrices of an update (fc1 is 500 x 800)
+    if mode == "update":
+        assert all(isinstance(u.payload["fc1.weight"], dict) for u in seen[0][0])
+    # one global mentee: every client and the server hold the same one
+    ref = snapshot(sim.server.module("mentee"))
+    for c in sim.clients:
+        got = snapshot(c.module("mentee"))
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    w = sim.clients[0].module("W_h")
+    assert w.weight.shape == (500, 500) and w.bias is None
+
+
+def test_fedkd_update_mode_adds_broadcast_to_previous_mentee():
+    sim = make_sim(small_config(method="fedkd", rounds=2, fraction=0.6))
+    seen = spy_server(sim)
+    sim.run_round(1)
+    before = snapshot(sim.clients[0].module("mentee"))
+    sim.run_round(2)
+    _, bc = seen[1]
+    delta = decompress(bc["update"], CNN5_SHAPES)
+    after = snapshot(sim.clients[0].module("mentee"))
+    for k in before:
+        torch.testing.assert_close(after[k], before[k] + delta[k], rtol=0, atol=1e-6)
+
+
+def test_fedkd_losses_match_hand_computation():
+    h_t = [[0.5, 1.0, 0.0, 2.0], [1.5, 0.0, 0.5, 1.0]]
+    proj = [[0.0, 1.5, 0.5, 1.0], [1.0, 0.5, 0.0, 2.0]]
+    args = [torch.tensor(v, requires_grad=True) for v in (LOGITS_A, h_t, LOGITS_B, proj)]
+    pt = [_softmax(z) for z in LOGITS_A]
+    ps = [_softmax(z) for z in LOGITS_B]
+    ce_t = _mean([_ce(z, y) for z, y in zip(LOGITS_A, Y, strict=True)])
+    ce_s = _mean([_ce(z, y) for z, y in zip(LOGITS_B, Y, strict=True)])
+    task = ce_t + ce_s
+    mse = _mean([(a - b) ** 2 for ra, rb in zip(h_t, proj, strict=True) for a, b in zip(ra, rb, strict=True)])
+    kl_st = [_kl(s, t) for s, t in zip(ps, pt, strict=True)]  # KL(mentee || mentor), target first
+    kl_ts = [_kl(t, s) for s, t in zip(ps, pt, strict=True)]
+    for red, div in (("batchmean", len(Y)), ("elementwise", len(Y) * 3)):
+        l_t, l_s = fedkd_losses(*args, torch.tensor(Y), kl=red)
+        assert l_t.item() == pytest.approx(ce_t + sum(kl_st) / div / task + mse / task, rel=1e-5)
+        assert l_s.item() == pytest.approx(ce_s + sum(kl_ts) / div / task + mse / task, rel=1e-5)
+    # nothing is detached (as in both reference codes): L_t reaches the mentee's logits
+    l_t.backward()
+    assert args[2].grad is not None and args[3].grad is not None
+
+
+def _decaying(m, n, rate, seed):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g))
+    s = rate ** torch.arange(min(m, n), dtype=torch.float32)
+    return (u * s) @ v.T
+
+
+def test_fedkd_truncation_keeps_the_energy_with_the_smallest_rank():
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(40, 30, generator=g), _decaying(60, 25, 0.8, 1), _decaying(16, 3, 0.5, 2)]
+    for mat in mats:
+        _, s, _ = torch.linalg.svd(mat, full_matrices=False)
+        e = s.double().square()
+        for T in (0.5, 0.9, 0.95, 0.96, 0.98, 0.999):
+            f = svd_factors(mat, T)
+            r = f["a"].shape[1]
+            assert r == energy_rank(s, T)
+            assert e[:r].sum() >= T * e.sum()                 # keeps at least the stated energy
+            assert r == 1 or e[:r - 1].sum() < T * e.sum()    # and no smaller rank does
+            kept = (f["a"] @ f["b"]).square().sum() / mat.square().sum()
+            assert kept >= T - 1e-4
+    assert energy_rank(torch.zeros(5), 0.95) == 0
+
+
+def test_fedkd_rank_non_decreasing_over_the_schedule():
+    """Spec B.6: as T(t) rises from 0.95 to 0.98, the SVD rank never falls."""
+    R = 40
+    sim = make_sim(small_config(method="fedkd", rounds=R))
+    ts = [sim.method.energy(t) for t in range(R)]
+    assert ts[0] == pytest.approx(0.95 + 0.03 / R) and ts[-1] == pytest.approx(0.98)
+    assert all(b > a for a, b in zip(ts, ts[1:], strict=False))
+    mat = _decaying(120, 80, 0.97, 3)
+    ranks = [svd_factors(mat, T)["a"].shape[1] for T in ts]
+    assert all(b >= a for a, b in zip(ranks, ranks[1:], strict=False))
+    assert ranks[-1] > ranks[0]
+    sizes = [payload_numel(compress({"fc1.weight": mat}, T)) for T in ts]
+    assert sizes == sorted(sizes)
+
+
+def _low_rank_update(scale=1.0, seed=5):
+    """A mentee-shaped update: matrices of rank 2 (singular values 3, 2), conv weights of rank 1 per
+    kernel position, dense biases."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in CNN5_SHAPES.items():
+        if len(shape) == 1:
+            out[k] = torch.randn(shape, generator=g)
+        elif len(shape) == 2:
+            u, _ = torch.linalg.qr(torch.randn(shape[0], 2, generator=g))
+            v, _ = torch.linalg.qr(torch.randn(shape[1], 2, generator=g))
+            out[k] = (u * torch.tensor([3.0, 2.0])) @ v.T
+        else:
+            o, i, kh, kw = shape
+            a, b = torch.randn(kh, kw, o, 1, generator=g), torch.randn(kh, kw, 1, i, generator=g)
+            out[k] = (a @ b).permute(2, 3, 0, 1).contiguous()
+    return {k: scale * v for k, v in out.items()}
+
+
+def test_fedkd_low_rank_update_round_trip_is_exact():
+    upd = _low_rank_update()
+    code = compress(upd, 0.95)
+    for k, c in code.items():
+        assert isinstance(c, torch.Tensor) == (len(CNN5_SHAPES[k]) == 1)  # every matrix went as factors
+    assert payload_code_numel(code) < CNN5_PARAMS
+    back = decompress(code, CNN5_SHAPES)
+    for k in upd:
+        torch.testing.assert_close(back[k], upd[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fedkd_server_averages_unweighted_and_recompresses():
+    sim = make_sim(small_config(method="fedkd", rounds=1))
+    m, c = sim.method, sim.clients[2]
+    m.receive(c, sim.broadcast)  # the initial dense mentee
+    start = snapshot(c.module("mentee"))
+    T = m.energy(0)
+    u1, u2 = _low_rank_update(1.0), _low_rank_update(3.0)  # same directions: the mean has the same ranks
+    ups = [Upload(0, 0.1, compress(u1, T)), Upload(1, 0.9, compress(u2, T))]
+    bc = m.server_update(sim.server, ups)
+    got = decompress(bc["update"], CNN5_SHAPES)
+    for k in u1:
+        torch.testing.assert_close(got[k], 2.0 * u1[k], rtol=1e-4, atol=1e-5)  # unweighted: (1 + 3) / 2
+    m.receive(c, bc)
+    server = snapshot(sim.server.module("mentee"))
+    for k, v in snapshot(c.module("mentee")).items():
+        torch.testing.assert_close(v, start[k] + got[k])
+        assert torch.equal(v, server[k])
+
+
+def test_fedkd_conv_flatten_option_and_dense_fallback():
+    w = (torch.randn(32, 1, 1, 1) * torch.randn(1, 16, 5, 5)).contiguous()  # rank 1 as a 32 x 400 matrix
+    code = compress({"conv2.weight": w}, 0.95, conv_svd="flatten")["conv2.weight"]
+    assert code["a"].shape == (32, 1) and code["b"].shape == (1, 400)
+    back = decompress({"conv2.weight": code}, {"conv2.weight": w.shape})["conv2.weight"]
+    torch.testing.assert_close(back, w, rtol=1e-4, atol=1e-5)
+    # a small random matrix needs most of its rank: factors would exceed the dense 10 x 12 tensor
+    m = torch.randn(10, 12, generator=torch.Generator().manual_seed(0))
+    assert isinstance(compress({"x": m}, 0.95)["x"], torch.Tensor)
+    assert code_numel(compress({"x": m}, 0.95, dense_fallback=False)["x"], m.shape) > m.numel()
+
+
+def test_labels_record_the_choices():
+    from baselines.fedkd import FedKD
+    from baselines.fml import FML
+    assert "alpha=0.3" in FML.label(FML.Params(fml_alpha=0.3)) and "cnn5" in FML.label(FML.Params())
+    default = FedKD.label(FedKD.Params())
+    assert "compress=update" in default and "0.95->0.98" in default
+    assert "HtFLlib variant" in FedKD.label(FedKD.Params(fedkd_compress="params"))
+
+
+def test_fedkd_refuses_falling_threshold():
+    from fedbench.errors import ConfigError
+    with pytest.raises(ConfigError, match="energy-start"):
+        small_config(method="fedkd", energy_start=0.99, energy_end=0.95)
+
+
+# --- both -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["fml", "fedkd"])
+def test_same_seed_same_metrics(method):
+    r1 = make_sim(small_config(method=method, fraction=0.6)).run()
+    r2 = make_sim(small_config(method=method, fraction=0.6)).run()
+    for a, b in zip(r1, r2, strict=True):
+        assert [(x.correct, x.bytes_up, x.bytes_down, x.train_macs) for x in a.rows] == \
+               [(x.correct, x.bytes_up, x.bytes_down, x.train_macs) for x in b.rows]
+
+
+@pytest.mark.parametrize("method", ["fml", "fedkd"])
+def test_synthetic_smoke_learns(method):
+    res = make_sim(small_config(method=method, rounds=3)).run()
+    acc, _ = res[-1].accuracy()
+    assert acc > 0.5 + 0.15, f"{method} did not learn: {acc}"  # pathological split: 2 classes per client
