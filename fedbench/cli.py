@@ -31,7 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and partitions.")
 app.add_typer(data_app, name="data")
 
-out = Console(soft_wrap=True)
+# piped output (files, CI logs) gets wide tables instead of truncated columns
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 INVOCATION: list[str] = ["fedbench"]  # the command line as typed, recorded with results
 err = Console(stderr=True)
 
@@ -269,6 +270,7 @@ def sweep_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="sweep name recorded with its runs"),
     results: Path = typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store"),
     jobs: int = typer.Option(1, "--jobs", "-j", help="runs at a time, each in its own process"),
+    threads: int = typer.Option(0, "--threads", help="torch threads per run (0 = cores / jobs)"),
     data_dir: Optional[Path] = RUN_ONLY["data_dir"][1],
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and exit"),
@@ -279,6 +281,8 @@ def sweep_cmd(
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {threads}")
     if device not in ("auto", "cpu", "cuda"):
         raise choice_error("--device", device, ("auto", "cpu", "cuda"))
     if file is None and not axis and not base:
@@ -321,7 +325,7 @@ def sweep_cmd(
         return
     err.print(f"sweep {sw.name}: {len(jobs_list)} runs, {len(jobs_list) - len(todo)} already complete, "
               f"{len(todo)} to run with {jobs} at a time")
-    final = _sweep_with_progress(jobs_list, results, data_dir, device, sw.name, jobs)
+    final = _sweep_with_progress(jobs_list, results, data_dir, device, sw.name, jobs, threads)
     failed = [j for j in final if j.state == "failed"]
     for j in failed:
         err.print(f"failed {j.run_id}: {j.error}", markup=False)
@@ -332,7 +336,7 @@ def sweep_cmd(
         raise typer.Exit(1)
 
 
-def _sweep_with_progress(jobs_list, results, data_dir, device, name, n_jobs):
+def _sweep_with_progress(jobs_list, results, data_dir, device, name, n_jobs, threads=0):
     import time as _time
 
     from rich.live import Live
@@ -353,7 +357,7 @@ def _sweep_with_progress(jobs_list, results, data_dir, device, name, n_jobs):
 
     with Live(view(jobs_list), console=err, refresh_per_second=2, transient=False) as live:
         return execute_sweep(jobs_list, results, data_dir, device, name, n_jobs,
-                             on_change=lambda js: live.update(view(js)))
+                             on_change=lambda js: live.update(view(js)), threads=threads)
 
 
 @app.command("report")

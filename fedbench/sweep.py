@@ -225,9 +225,10 @@ def _spawn(job: Job, results: Path, data_dir, device: str, sweep_name: str, thre
 
 
 def execute_sweep(jobs: list[Job], results: Path, data_dir, device: str, sweep_name: str, n_jobs: int,
-                  on_change=None, poll: float = 0.2) -> list[Job]:
-    """Run pending jobs, at most ``n_jobs`` at a time, each in its own process."""
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+                  on_change=None, poll: float = 0.2, threads: int = 0) -> list[Job]:
+    """Run pending jobs, at most ``n_jobs`` at a time, each in its own process with ``threads`` threads
+    (default: cores / jobs; one thread per process avoids the OpenMP contention two-thread runs suffer)."""
+    threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
     log_dir = results.parent / f".{results.name}.logs"
     log_dir.mkdir(exist_ok=True)
     queue = [j for j in jobs if j.state == "pending"]

@@ -152,3 +152,16 @@ def test_sweep_killed_with_sigkill_resumes_without_rerun(tmp_path):
         assert r.returncode == 0, r.stdout[-2000:]
     md = (out / "report.md").read_text()
     assert "Made by: `fedbench report" in md and "mean of the last 10 evaluations" in md
+
+
+def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text('[base]\ndataset = "synthetic"\nclients = 5\nrounds = 1\nmethod = "standalone"\n'
+                    'partition = "dirichlet"\n[axes]\nmin_size = [10, 2000]\n')
+    res = tmp_path / "r.sqlite"
+    r = subprocess.run([sys.executable, "-m", "fedbench", "sweep", str(grid), "--results", str(res)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert r.returncode == 1, r.stderr
+    rows = _db(res).execute("SELECT status, error FROM runs ORDER BY status").fetchall()
+    assert [s for s, _ in rows] == ["complete", "failed"]
+    assert "min-size=2000" in rows[1][1]
