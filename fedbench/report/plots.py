@@ -85,6 +85,8 @@ def rank_mu_heatmaps(df: pd.DataFrame, out: Path) -> list[Path]:
         return []
     paths = []
     for s, g in sub.groupby("setting", sort=False):
+        if g["hp_rank"].nunique() < 2 or g["hp_mu"].nunique() < 2:
+            continue  # a heatmap needs both axes to vary within the setting
         piv = g.pivot_table(index="hp_rank", columns="hp_mu", values="accuracy", aggfunc="mean") * 100
         fig, ax = plt.subplots(figsize=(1.2 * piv.shape[1] + 2.5, 0.6 * piv.shape[0] + 2))
         sns.heatmap(piv, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": "accuracy (%)"})

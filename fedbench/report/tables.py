@@ -144,7 +144,9 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
                 reached=("rounds_to_target", lambda x: int(x.notna().sum())), n=("accuracy", "size")).reset_index()
     agg["bytes_tt"] = (agg["up"] + agg["down"]) * agg["rtt"]
     agg["tflop_tt"] = agg["tflop"] * agg["rtt"]
-    for _, r in agg.sort_values(["setting", "method", "variant"]).iterrows():
+    order = {s: i for i, s in enumerate(dict.fromkeys(df["setting"]))}
+    agg["_order"] = agg["setting"].map(order)
+    for _, r in agg.sort_values(["_order", "method", "variant"]).iterrows():
         row = [Cell(r["variant"]), Cell(r["setting"]), Cell(_fmt_bytes(r["up"])), Cell(_fmt_bytes(r["down"])),
                Cell(f"{r['tflop']:.4f}"), Cell(f"{r['server']:.4f}")]
         if target is not None:
