@@ -131,7 +131,9 @@ class Simulation:
     def compute(self):
         """The precision context of client computation (bf16 autocast, or nothing)."""
         if self.cfg.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            # no weight-cast cache: the region spans many optimiser steps, and a cached bf16 copy of
+            # a weight would go stale after the first step (the cache is only cleared on exit)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def bound_module(self, party: Party, name: str) -> nn.Module:
