@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from fedbench.config import RunConfig, make_config
 from fedbench.data.sources import Arrays, content_digest, load_dataset
+from fedbench.data.transforms import BatchTransform, hflip, random_erase
 from fedbench.engine.data import build_federated_data
 from fedbench.engine.simulation import Simulation, resolve_device
 from fedbench.metering.flops import FlopMeter
@@ -333,6 +334,10 @@ def summarize_rounds(rows: list[dict]) -> dict:
         "train_s": statistics.median(r["train_s"] for r in steady),
         "eval_s": statistics.median(r["eval_s"] for r in steady),
         "ideal_s": statistics.median(r["ideal_s"] for r in steady) if steady[0].get("ideal_s") else None,
+        "train_efficiency": statistics.median(r["ideal_train_s"] / r["train_s"] for r in steady)
+        if steady[0].get("ideal_train_s") else None,
+        "eval_efficiency": statistics.median(r["ideal_eval_s"] / r["eval_s"] for r in steady)
+        if steady[0].get("ideal_eval_s") else None,
         "efficiency": statistics.median(effs) if effs else None,
         "efficiency_best": max(effs) if effs else None,
         "gflops": statistics.median(r["gflops"] for r in steady) if steady[0].get("gflops") is not None else None,
@@ -517,26 +522,18 @@ class Timers:
 
     def __init__(self) -> None:
         self.s: dict[str, float] = {}
-        self.undo: list[Callable[[], None]] = []
 
-    def wrap(self, owner, name: str, key: str) -> None:
-        orig = getattr(owner, name)
+    def timed(self, fn, key: str):
         timers = self
 
         def timed(*a, **kw):
             t0 = time.perf_counter()
             try:
-                return orig(*a, **kw)
+                return fn(*a, **kw)
             finally:
                 timers.s[key] = timers.s.get(key, 0.0) + time.perf_counter() - t0
 
-        setattr(owner, name, timed)
-        self.undo.append(lambda: setattr(owner, name, orig))
-
-    def restore(self) -> None:
-        for u in reversed(self.undo):
-            u()
-        self.undo.clear()
+        return timed
 
 
 def timed_batches(timers: Timers, orig):
@@ -613,6 +610,45 @@ def _batches_epoch_augment(self, client, epochs, augment, shuffle, count=True):
             yield xs[s:s + bs], ys[s:s + bs]
 
 
+def _transform_train_fast(self, x_u8, mode, g):
+    """BatchTransform.train, bit-identical (the same random draws in the same order): normalise in place,
+    and crop as one gather of 32x32 windows (``unfold``), which lands in NCHW directly."""
+    x = x_u8.to(self.dtype).sub_(self.mean).mul_(self.inv_std)
+    if mode == "none":
+        return self.to_nchw(x)
+    x = hflip(x, g)
+    if mode == "spec":
+        x = random_erase(x, g)
+    n, H, W, _ = x.shape
+    pad = 4
+    xp = F.pad(x, (0, 0, pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    # (n, C, H, W) with the window's NHWC strides, i.e. already channels-last in memory
+    out = xp.unfold(1, H, 1).unfold(2, W, 1)[torch.arange(n, device=x.device), oy, ox]
+    return out.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+def _batches_prefetch(self, client, epochs, augment, shuffle, count=True):
+    """Simulation.train_batches with the next batch gathered and augmented by a helper thread while the
+    caller trains on the current one (torch ops release the GIL; the helper uses another core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = _ORIG_TRAIN_BATCHES(self, client, epochs, augment, shuffle, count)
+    done = object()
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(next, it, done)
+        while True:
+            b = nxt.result()
+            if b is done:
+                return
+            nxt = pool.submit(next, it, done)
+            yield b
+
+
+_ORIG_TRAIN_BATCHES = Simulation.train_batches
+
+
 def _compute_no_autocast_cache(self):
     """Simulation.compute with autocast's weight cache off: the cached bf16 cast of a parameter survives
     in-place SGD updates until the context exits, so with the cache every forward of a client's round
@@ -626,7 +662,9 @@ CHANGES: dict[str, list[tuple[object, str, object]]] = {
     "meter hook cached by (module, input shape)": [(FlopMeter, "_hook", _hook_cached)],
     "clip_grad_norm_(foreach=True)": [(Simulation, "optimizer_step", _step_foreach_clip)],
     "SGD(foreach=True)": [(Simulation, "make_optimizer", _sgd_foreach)],
+    "train transform: in-place normalise, crop by unfold": [(BatchTransform, "train", _transform_train_fast)],
     "augment a client's epoch in one call": [(Simulation, "train_batches", _batches_epoch_augment)],
+    "prefetch the next batch in a helper thread": [(Simulation, "train_batches", _batches_prefetch)],
 }
 
 
@@ -658,31 +696,15 @@ def _warm_meter(sim: Simulation) -> None:
 def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> dict:
     """FedLoRA fp32 training time split into parts, then the measured effect of candidate engine changes.
 
-    Fraction ``--breakdown-fraction`` of the clients trains; round 1 warms up, round 2 is re-run
-    ``--breakdown-repeats`` times (identical data order and clients) and the fastest kept; no evaluation
-    (evaluation is compared with its ideal in the main table).
+    Fraction ``--breakdown-fraction`` of the clients trains, without evaluation (evaluation is compared
+    with its own ideal in the main table). One simulation per variant (the engine as is, the instrumented
+    engine, each change, all changes) shares one FederatedData; each warms up with round 1, then round 2
+    (the same clients and data order every time) is re-run ``--breakdown-repeats`` times, the variants
+    interleaved so that a busy neighbour hits them alike; the fastest repeat of each is kept.
     """
     cfg = workload_config(args, "fedlora", "fp32", fraction=args.breakdown_fraction, rounds=10 ** 6,
                           eval_every=10 ** 6)
-
-    def measure(changes, timers: Timers | None = None) -> tuple[float, float, dict]:
-        gc.collect()
-        with patched(changes):
-            sim = Simulation(cfg, build_federated_data(arrays, cfg, device), device)
-            _warm_meter(sim)
-            sim.run_round(1)
-            best, parts = math.inf, {}
-            for _ in range(args.breakdown_repeats):
-                if timers is not None:
-                    timers.s.clear()
-                r = sim.run_round(2)
-                if r.train_s < best:
-                    best, parts = r.train_s, dict(timers.s) if timers is not None else {}
-            trained = [(sim.clients[x.client].arch, sim.clients[x.client].n_train) for x in r.rows if x.selected]
-            ideal, _ = ideal_seconds(ceil_v, round_work(cfg, trained, []))
-        del sim
-        return best, ideal, parts
-
+    data = build_federated_data(arrays, cfg, device)
     timers = Timers()
     orig_hook, orig_batches = FlopMeter._hook, Simulation.train_batches
 
@@ -693,32 +715,48 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> 
         finally:
             timers.s["meter hooks"] = timers.s.get("meter hooks", 0.0) + time.perf_counter() - t0
 
-    instrument = [(FlopMeter, "_hook", hook), (Simulation, "train_batches", timed_batches(timers, orig_batches))]
-    timers.wrap(torch.nn.utils, "clip_grad_norm_", "clip_grad_norm_")
-    timers.wrap(torch.Tensor, "backward", "backward")
-    timers.wrap(torch.optim.SGD, "step", "SGD.step")
-    timers.wrap(Simulation, "make_optimizer", "make_optimizer")
-    try:
-        train_s, ideal, parts = measure(instrument, timers)
-    finally:
-        timers.restore()
-    accounted = sum(parts.values())
-    parts["forward, losses, method code (rest)"] = train_s - accounted
-    log(f"  breakdown: train {train_s:.3f} s vs ideal {ideal:.3f} s; " +
-        ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
-    base_s, ideal, _ = measure([])
-    changes = {"none (engine as is)": {"train_s": base_s, "ideal_train_s": ideal, "efficiency": ideal / base_s}}
-    log(f"  change none: {base_s:.3f} s ({ideal / base_s:.1%} of ideal)")
-    combo = []
-    for name, ch in CHANGES.items():
-        s, ideal, _ = measure(ch)
-        combo += ch
+    instrument = [(FlopMeter, "_hook", hook), (Simulation, "train_batches", timed_batches(timers, orig_batches)),
+                  (torch.nn.utils, "clip_grad_norm_", timers.timed(torch.nn.utils.clip_grad_norm_, "clip_grad_norm_")),
+                  (torch.Tensor, "backward", timers.timed(torch.Tensor.backward, "backward")),
+                  (torch.optim.SGD, "step", timers.timed(torch.optim.SGD.step, "SGD.step")),
+                  (Simulation, "make_optimizer", timers.timed(Simulation.make_optimizer, "make_optimizer"))]
+    variants = {"instrumented": instrument, "none (engine as is)": [], **CHANGES,
+                "all but the helper thread": [c for k, ch in CHANGES.items() if "thread" not in k for c in ch],
+                "all but the epoch augmentation": [c for k, ch in CHANGES.items() if "epoch" not in k for c in ch]}
+    sims = {}
+    for name, ch in variants.items():
+        with patched(ch):
+            sims[name] = Simulation(cfg, data, device)
+            _warm_meter(sims[name])
+            sims[name].run_round(1)
+    best = dict.fromkeys(variants, math.inf)
+    parts: dict[str, float] = {}
+    ideal = None
+    for _ in range(args.breakdown_repeats):
+        for name, ch in variants.items():
+            gc.collect()
+            timers.s.clear()
+            with patched(ch):
+                r = sims[name].run_round(2)
+            if r.train_s < best[name]:
+                best[name] = r.train_s
+                if name == "instrumented":
+                    parts = dict(timers.s)
+            if ideal is None:
+                sim = sims[name]
+                trained = [(sim.clients[x.client].arch, sim.clients[x.client].n_train) for x in r.rows if x.selected]
+                ideal, _ = ideal_seconds(ceil_v, round_work(cfg, trained, []))
+    del sims, data
+    gc.collect()
+    train_s = best.pop("instrumented")
+    parts["forward, losses, method code (rest)"] = train_s - sum(parts.values())
+    log(f"  breakdown: train {train_s:.3f} s vs ideal {ideal:.3f} s; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    base_s = best["none (engine as is)"]
+    changes = {}
+    for name, s in best.items():
         changes[name] = {"train_s": s, "ideal_train_s": ideal, "efficiency": ideal / s, "gain": base_s / s - 1}
         log(f"  change {name}: {s:.3f} s ({ideal / s:.1%} of ideal, {base_s / s - 1:+.1%})")
-    s, ideal, _ = measure(combo)
-    changes["all of the above"] = {"train_s": s, "ideal_train_s": ideal, "efficiency": ideal / s,
-                                   "gain": base_s / s - 1}
-    log(f"  change all: {s:.3f} s ({ideal / s:.1%} of ideal, {base_s / s - 1:+.1%})")
     return {"config": {"fraction": cfg.fraction, "repeats": args.breakdown_repeats, "batch_size": cfg.batch_size},
             "train_s": train_s, "ideal_train_s": ideal, "parts_s": parts, "changes": changes}
 
@@ -756,8 +794,8 @@ def print_report(res: dict, console) -> None:
         + ")" for k, g in ceil["gemm"].items()))
     ref = res.get("reference")
     t = Table(title="Per round, including evaluation of all clients (median of rounds 2..R; best in brackets)")
-    for c in ("run", "variant", "s/round", "train s", "eval s", "ideal s", "% of ideal", "vs reference",
-              "GFLOP/s", "% GEMM peak", "accuracy"):
+    for c in ("run", "variant", "s/round", "train s", "eval s", "ideal s", "% of ideal", "train, eval % of ideal",
+              "vs reference", "GFLOP/s", "% GEMM peak", "accuracy"):
         t.add_column(c, justify="left" if c in ("run", "variant") else "right")
     runs = ([ref] if ref else []) + res["engine"]
     for r in runs:
@@ -767,6 +805,7 @@ def print_report(res: dict, console) -> None:
         t.add_row(r["label"], variant, f"{r['s_per_round']:.2f} ({r['s_per_round_best']:.2f})", f"{r['train_s']:.2f}",
                   f"{r['eval_s']:.2f}", _fmt(r["ideal_s"]),
                   f"{_fmt(r['efficiency'], '.1%')} ({_fmt(r['efficiency_best'], '.1%')})",
+                  f"{_fmt(r['train_efficiency'], '.0%')}, {_fmt(r['eval_efficiency'], '.0%')}",
                   _fmt(speed, ".2f") + ("x" if speed else ""), _fmt(r.get("gflops"), ".1f"),
                   _fmt(r["gflops"] / peak if r.get("gflops") else None, ".1%"), _fmt(r["final_accuracy"], ".4f"))
     console.print(t)
@@ -840,8 +879,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(bf16 correctness fix, see the README)")
     p.add_argument("--breakdown", action="store_true", help="also split the engine's time and measure candidate "
                                                             "engine changes (FedLoRA fp32)")
+    p.add_argument("--breakdown-only", action="store_true", help="the ceiling and the breakdown, no other run")
     p.add_argument("--breakdown-fraction", type=float, default=0.25)
-    p.add_argument("--breakdown-repeats", type=int, default=2)
+    p.add_argument("--breakdown-repeats", type=int, default=3)
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     q = args.quick
@@ -850,6 +890,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.ceiling_time = args.ceiling_time or (0.03 if q else 0.5)
     args.ceiling_repeats = args.ceiling_repeats or (1 if q else 3)
     args.ceiling_passes = args.ceiling_passes or (1 if q else 2)
+    if args.breakdown_only:
+        args.breakdown, args.no_reference, args.no_standalone, args.baseline = True, True, True, "none"
     if q and args.subset is None and args.dataset != "synthetic":
         args.subset = 4000
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -862,7 +904,7 @@ def main(argv=None) -> dict:
     from rich.console import Console
 
     args = parse_args(argv)
-    console = Console(highlight=False, width=max(160, shutil.get_terminal_size().columns))
+    console = Console(highlight=False, width=max(180, shutil.get_terminal_size().columns))
 
     def log(msg: str) -> None:
         console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
@@ -905,7 +947,7 @@ def main(argv=None) -> dict:
         log("reference loop")
         res["reference"] = run_reference(arrays, base, device, ceil_m["fp32"], args.ref_workers, log)
 
-    methods = ["fedlora"]
+    methods = [] if args.breakdown_only else ["fedlora"]
     if args.baseline == "auto":
         log("picking the heaviest baseline (engine MACs per round)")
         heavy, probe = pick_heaviest(arrays, args, device, ("fml", "fedkd"), log)

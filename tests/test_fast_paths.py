@@ -124,6 +124,21 @@ def test_ideal_formula_by_hand():
     assert speed.counted_samples(cfg, 100) == 200 and speed.counted_samples(fml, 100) == 100
 
 
+@pytest.mark.parametrize("mode", ["spec", "flip-crop", "none"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_train_transform_is_bit_identical(mode, channels_last):
+    """The candidate transform the speed suite measures changes speed only: same draws, same images."""
+    from fedbench.data.transforms import BatchTransform
+
+    tf = BatchTransform((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu"),
+                        channels_last=channels_last)
+    x = torch.randint(0, 256, (37, 32, 32, 3), dtype=torch.uint8)
+    a = tf.train(x, mode, torch.Generator().manual_seed(3))
+    b = speed._transform_train_fast(tf, x, mode, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last) == \
+        b.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_linear_fit_exact_line():
     f = scale.linear_fit([[1, 2, 3, 4]], [3, 5, 7, 9])
     assert f["slopes"][0] == pytest.approx(2) and f["intercept"] == pytest.approx(1) and f["r2"] == pytest.approx(1)
