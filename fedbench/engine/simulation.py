@@ -14,8 +14,10 @@ when the method asks for it, so nothing is rebuilt per round.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,11 +74,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def default_prefetch(device: torch.device, threads: int | None = None, cores: int | None = None) -> bool:
+    """Prefetch batches in a helper thread on the CPU when a core is left over by torch's intra-op
+    threads (measured in benchmarks/speed.py: the data work then overlaps training); never on CUDA,
+    where batches are prepared by asynchronous kernels anyway."""
+    if device.type != "cpu":
+        return False
+    threads = torch.get_num_threads() if threads is None else threads
+    cores = available_cores() if cores is None else cores
+    return threads < cores
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class Simulation:
-    def __init__(self, cfg: RunConfig, data: FederatedData, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, data: FederatedData, device: torch.device,
+                 prefetch: bool | None = None) -> None:
         self.cfg = cfg
         self.data = data
         self.device = device
+        # prepare the next training batch in a helper thread (None: where it pays, see default_prefetch)
+        self.prefetch = default_prefetch(device) if prefetch is None else prefetch
+        self._pool: ThreadPoolExecutor | None = None
         self.num_classes = data.num_classes
         self.meter = FlopMeter()
         method_cls = cfg.method_class()
@@ -157,25 +182,55 @@ class Simulation:
         g = torch_generator(self.device, cfg.seed, "data", client.id, client.round, client.streams)
         mode = cfg.augment if augment else "none"
         n, bs = len(idx), cfg.batch_size
-        for _ in range(epochs):
-            order = idx[torch.randperm(n, generator=g, device=self.device)] if shuffle else idx
-            for s in range(0, n, bs):
-                b = order[s:s + bs]
-                if count:
-                    self._samples[client.id] += len(b)
-                yield data.transform.train(data.images[b], mode, g), data.labels[b]
+
+        def produce():
+            for _ in range(epochs):
+                order = idx[torch.randperm(n, generator=g, device=self.device)] if shuffle else idx
+                for s in range(0, n, bs):
+                    b = order[s:s + bs]
+                    yield data.transform.train_gather(data.images, b, mode, g), data.labels[b]
+
+        for x, y in (self._prefetched(produce()) if self.prefetch else produce()):
+            if count:  # counted when handed to the method, not when prepared
+                self._samples[client.id] += len(y)
+            yield x, y
+
+    def _prefetched(self, it):
+        """Yield from ``it`` while a helper thread prepares the next item (gather and augmentation run on
+        a spare core while the method trains on the current batch; torch ops release the GIL). The
+        items and their order are those of ``it``: ``it`` runs in one thread at a time."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedbench-data")
+        end = object()
+        nxt = self._pool.submit(next, it, end)
+        try:
+            while True:
+                item = nxt.result()
+                if item is end:
+                    return
+                nxt = self._pool.submit(next, it, end)
+                yield item
+        finally:  # the consumer stopped early: let the pending step finish before `it` is dropped
+            with contextlib.suppress(BaseException):
+                nxt.result()
+
+    def close(self) -> None:
+        """Stop the data helper thread (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
         cfg = self.cfg
         return torch.optim.SGD(list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, fused=cfg.fused_sgd or None)
 
     def optimizer_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.clip > 0:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip, foreach=True)
         opt.step()
 
     # --- the round loop -------------------------------------------------------------------------
@@ -256,9 +311,12 @@ class Simulation:
 
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
         results = []
-        for t in range(1, self.cfg.rounds + 1):
-            r = self.run_round(t)
-            results.append(r)
-            if on_round is not None:
-                on_round(r)
+        try:
+            for t in range(1, self.cfg.rounds + 1):
+                r = self.run_round(t)
+                results.append(r)
+                if on_round is not None:
+                    on_round(r)
+        finally:
+            self.close()
         return results

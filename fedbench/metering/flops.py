@@ -53,7 +53,8 @@ class FlopMeter:
         self._kind = None
         self._tracing = False
         self._cost: dict[tuple, int] = {}
-        self._attached: set[int] = set()
+        self._by_call: dict[tuple, int] = {}  # (id(module), input shape) -> cost; modules are attached for life
+        self._attached: dict[int, nn.Module] = {}  # held, so that an id is never reused while cached
 
     def attach(self, module: nn.Module) -> None:
         for m in module.modules():
@@ -61,7 +62,7 @@ class FlopMeter:
                 continue
             if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
                 m.register_forward_hook(self._hook)
-                self._attached.add(id(m))
+                self._attached[id(m)] = m
 
     def _per_sample(self, m: nn.Module, x: torch.Tensor) -> int:
         key = (type(m), tuple(p.shape for p in m.parameters(recurse=False)), tuple(x.shape[1:]),
@@ -80,10 +81,14 @@ class FlopMeter:
         if self._scope is None or self._tracing or not inputs or not isinstance(inputs[0], torch.Tensor):
             return
         x = inputs[0]
-        fwd = self._per_sample(m, x) * x.shape[0]
+        key = (id(m), x.shape[1:])  # fast path: a module's cost per sample for an input shape never changes
+        per = self._by_call.get(key)
+        if per is None:
+            per = self._by_call[key] = self._per_sample(m, x)
+        fwd = per * x.shape[0]
         total = fwd
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-            if any(p.requires_grad for p in m.parameters(recurse=False)):
+            if any(p.requires_grad for p in m._parameters.values() if p is not None):
                 total += fwd
             if x.requires_grad:
                 total += fwd
