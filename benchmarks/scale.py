@@ -103,7 +103,8 @@ def linear_fit(x, y) -> dict:
 def run_point(arrays, args, n_clients: int, fraction: float, device: torch.device, log) -> dict:
     cfg = make_config(dict(method=args.method, dataset=args.dataset, clients=n_clients, fraction=fraction,
                            rounds=args.rounds, epochs=1, batch_size=args.batch_size, models="hetero",
-                           precision=args.precision, channels_last=args.channels_last, seed=args.seed))
+                           precision=args.precision, channels_last=args.channels_last, seed=args.seed),
+                      device.type)  # unset options: the device's defaults, as `fedbench run` does
     gc.collect()
     t0 = time.perf_counter()
     sim = Simulation(cfg, build_federated_data(arrays, cfg, device), device)
@@ -121,7 +122,9 @@ def run_point(arrays, args, n_clients: int, fraction: float, device: torch.devic
                                     "live_optimizer_state_bytes": live_optimizer_state_bytes()}
     steady = rows[1:] if len(rows) > 1 else rows
     first, last = memory["round_1"], memory[f"round_{cfg.rounds}"]
+    sim.close()
     out = {"clients": n_clients, "fraction": fraction, "sampled": cfg.per_round, "setup_s": setup_s,
+           "channels_last": cfg.channels_last,
            "s_per_round": statistics.median(r["wall_s"] for r in steady),
            "train_s": statistics.median(r["train_s"] for r in steady),
            "eval_s": statistics.median(r["eval_s"] for r in steady),
@@ -141,7 +144,8 @@ def print_report(res: dict, console) -> None:
     from rich.table import Table
 
     m = res["machine"]
-    console.print(f"[bold]fedbench scale[/] - {res['args']['method']} {res['args']['precision']}, {m['device']}, "
+    console.print(f"[bold]fedbench scale[/] - {res['args']['method']} {res['args']['precision']}"
+                  f"{' channels-last' if res['points'][0]['channels_last'] else ''}, {m['device']}, "
                   f"{m['threads']} thread(s); shard {res['args']['shard_train']} train+val / "
                   f"{res['args']['shard_test']} test images per client; load avg {m['loadavg_start'][0]:.2f} -> "
                   f"{m['loadavg_end'][0]:.2f}")
@@ -182,7 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="fedlora")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="memory layout (default: the device's default, as for `fedbench run`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: 5, 10, 20 clients")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -66,6 +66,10 @@ def _option_param(name: str, f, help_text: str) -> inspect.Parameter:
 
 
 def _core_help(f) -> str:
+    from fedbench.config import DEVICE_DEFAULTS
+    if any(f.name in d for d in DEVICE_DEFAULTS.values()):
+        by = ", ".join(f"{dev}: {d.get(f.name, f.default)}" for dev, d in DEVICE_DEFAULTS.items())
+        return f"{f.metadata['help']} (default by device, {by})"
     return f"{f.metadata['help']} (default: {f.default})"
 
 
@@ -135,6 +139,12 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
     out.print(f"FLOPs: 2 per multiply-add (fvcore MACs x 2). run {run_id} in {results}")
 
 
+def _device_type(device: str) -> str:
+    """"cpu" or "cuda": the device a run will use, for the device-dependent defaults of its config."""
+    from fedbench.engine.simulation import resolve_device
+    return resolve_device(device).type
+
+
 def run(**kw):
     """Train one federated run, store it round by round, print accuracy, bytes and FLOPs."""
     from fedbench.runner import execute, prepare, stored_summary
@@ -143,7 +153,7 @@ def run(**kw):
     run_only = {k: kw.pop(k) for k in RUN_ONLY}
     if run_only["device"] not in ("auto", "cpu", "cuda"):
         raise choice_error("--device", run_only["device"], ("auto", "cpu", "cuda"))
-    cfg = make_config(kw)
+    cfg = make_config(kw, _device_type(run_only["device"]))
     results = run_only["results"]
     check_results_path(results)
     p = prepare(cfg, run_only["data_dir"], run_only["device"])
@@ -265,7 +275,7 @@ def _grid_from_cli(base: list[str], axes: list[str]) -> dict:
 @app.command("sweep")
 def sweep_cmd(
     file: Optional[Path] = typer.Argument(None, help="sweep TOML file (see fedbench/sweep.py for the format)"),
-    base: list[str] = typer.Option([], "--base", help="KEY=VALUE for every run (repeatable; over the file's [base])"),
+    base: list[str] = typer.Option([], "--base", help="KEY=VALUE for every run (repeatable; over the file's \\[base])"),
     axis: list[str] = typer.Option([], "--axis", help="KEY=V1,V2 axis (repeatable); paired: clients,fraction=10:1.0,50:0.2"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep name recorded with its runs"),
     results: Path = typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store"),
@@ -298,9 +308,9 @@ def sweep_cmd(
         extra = _grid_from_cli(base, axis)
         doc.setdefault("base", {}).update(extra["base"])
         doc.setdefault("axes", {}).update(extra["axes"])
-        sw = parse_sweep(doc, str(file))
+        sw = parse_sweep(doc, str(file), _device_type(device))
     else:
-        sw = parse_sweep(_grid_from_cli(base, axis), "command line")
+        sw = parse_sweep(_grid_from_cli(base, axis), "command line", _device_type(device))
     if name:
         sw.name = name
     check_results_path(results)

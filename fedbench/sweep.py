@@ -72,7 +72,7 @@ def _method_options(method: str) -> set[str]:
     return {f.name for f in dataclasses.fields(get_method(method).Params)}
 
 
-def parse_sweep(doc: dict, where: str = "sweep") -> Sweep:
+def parse_sweep(doc: dict, where: str = "sweep", device_type: str | None = None) -> Sweep:
     """Expand a parsed sweep document; raise ConfigError (one line) on anything wrong."""
     unknown = sorted(set(doc) - set(SECTIONS))
     if unknown:
@@ -146,7 +146,7 @@ def parse_sweep(doc: dict, where: str = "sweep") -> Sweep:
         mine = _method_options(method)
         values = {k: v for k, v in point.items() if k in CORE_FIELDS or k in mine}
         try:
-            cfg = make_config(values)
+            cfg = make_config(values, device_type)
         except ConfigError as e:
             raise ConfigError(f"{where}: point {json.dumps(values, sort_keys=True)}: {e}") from None
         key = cfg.canonical_json()
@@ -160,7 +160,7 @@ def parse_sweep(doc: dict, where: str = "sweep") -> Sweep:
     return Sweep(name, configs, dropped)
 
 
-def load_sweep(path: Path | str) -> Sweep:
+def load_sweep(path: Path | str, device_type: str | None = None) -> Sweep:
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -169,7 +169,7 @@ def load_sweep(path: Path | str) -> Sweep:
         raise ConfigError(f"sweep file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"sweep file {path} is not valid TOML: {e}") from None
-    return parse_sweep(doc, str(path))
+    return parse_sweep(doc, str(path), device_type)
 
 
 # --- execution -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The fast paths of the engine (channels_last, bf16 autocast) and the speed/scale benchmarks' own logic.
+"""The fast paths of the engine (gather transform, prefetch thread, channels_last, bf16 autocast) and the speed/scale benchmarks' own logic.
 
 Synthetic data, CPU, a few seconds each.
 """
@@ -126,17 +126,83 @@ def test_ideal_formula_by_hand():
 
 @pytest.mark.parametrize("mode", ["spec", "flip-crop", "none"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fast_train_transform_is_bit_identical(mode, channels_last):
-    """The candidate transform the speed suite measures changes speed only: same draws, same images."""
+def test_gather_transform_is_bit_identical_to_the_plain_steps(mode, channels_last):
+    """The engine's one-gather transform changes speed only: the same random draws in the same order, the
+    same pixels (sign of zero included), the same memory layout, for any batch size."""
     from fedbench.data.transforms import BatchTransform
 
     tf = BatchTransform((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.device("cpu"),
                         channels_last=channels_last)
-    x = torch.randint(0, 256, (37, 32, 32, 3), dtype=torch.uint8)
-    a = tf.train(x, mode, torch.Generator().manual_seed(3))
-    b = speed._transform_train_fast(tf, x, mode, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last) == \
-        b.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (300, 32, 32, 3), dtype=torch.uint8)
+    for n in (1, 7, 64):
+        idx = torch.randperm(300, generator=torch.Generator().manual_seed(n))[:n]
+        ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        a = tf.train(images[idx], mode, ga)
+        b = tf.train_gather(images, idx, mode, gb)
+        assert torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))
+        assert a.stride() == b.stride()
+        assert torch.equal(ga.get_state(), gb.get_state())  # the same number of draws
+        if mode != "none":
+            assert not torch.equal(a, tf.eval(images[idx]))  # augmentation did something
+    e = tf.eval(images[:50])
+    ref = tf.to_nchw(tf.normalize(images[:50]))
+    assert torch.equal(e, ref) and e.stride() == ref.stride()
+
+
+def test_prefetch_thread_changes_nothing():
+    """Preparing the next batch in a helper thread gives the same metrics, bytes, FLOPs, sample counts and
+    weights as preparing it inline (FedLoRA: two batch streams per client and round)."""
+    cfg = small_config(method="fedlora", rounds=2)
+    on, off = make_sim(cfg), make_sim(cfg)
+    on.prefetch, off.prefetch = True, False
+    for t in (1, 2):
+        ra, rb = on.run_round(t), off.run_round(t)
+        assert ra.rows == rb.rows and ra.server_macs == rb.server_macs
+    pa, pb = _params(on), _params(off)
+    assert all(torch.equal(x, y) for k in pa for x, y in zip(pa[k], pb[k], strict=True))
+    assert on._pool is not None and off._pool is None
+    on.close()
+    assert on._pool is None
+
+
+def test_prefetch_counts_only_batches_handed_out():
+    """A method that stops reading early: the batch prepared ahead is not counted as trained."""
+    sim = make_sim(small_config(method="standalone", batch_size=8))
+    sim.prefetch = True
+    c = sim.clients[0]
+    c.round, c.streams = 1, 0
+    it = sim.train_batches(c, epochs=1, augment=True, shuffle=True)
+    got = [next(it)[1].numel() for _ in range(2)]
+    it.close()
+    assert int(sim._samples[c.id]) == sum(got) == 16
+    sim.close()
+
+
+def test_default_prefetch_rule():
+    from fedbench.engine.simulation import default_prefetch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_prefetch(cpu, threads=1, cores=2)      # a spare core: prepare batches on it
+    assert not default_prefetch(cpu, threads=2, cores=2)  # every core computes
+    assert not default_prefetch(cuda, threads=1, cores=16)
+
+
+def test_speed_plain_variants_are_the_same_math():
+    """The speed suite's 'fast path undone' patches compute what the engine computes."""
+    from fedbench.data.transforms import BatchTransform
+
+    tf = BatchTransform((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8)
+    idx = torch.arange(0, 40, 3)
+    assert torch.equal(speed._train_gather_plain(tf, images, idx, "spec", torch.Generator().manual_seed(1)),
+                       tf.train_gather(images, idx, "spec", torch.Generator().manual_seed(1)))
+    cfg = small_config(method="standalone", rounds=1)
+    a, b = make_sim(cfg), make_sim(cfg)
+    with speed.patched([c for ch in speed.PLAIN.values() for c in ch]):
+        rb = b.run_round(1)
+    ra = a.run_round(1)
+    assert [(r.correct, r.train_macs, r.train_samples) for r in ra.rows] == \
+        [(r.correct, r.train_macs, r.train_samples) for r in rb.rows]
 
 
 def test_linear_fit_exact_line():
@@ -188,3 +254,48 @@ def test_scale_quick_smoke(tmp_path):
         assert p["memory"]["round_1"]["ratio"] == pytest.approx(1.0)
         assert p["memory"]["round_2"]["live_optimizer_state_bytes"] == 0
     assert 0 <= res["fits"]["train_vs_sampled"]["r2"] <= 1
+
+
+def test_device_defaults_are_applied_only_when_unset_and_stored_concretely():
+    from fedbench.config import DEVICE_DEFAULTS, config_to_cli, make_config
+
+    base = dict(dataset="synthetic", method="standalone")
+    assert make_config(base, "cpu").channels_last is DEVICE_DEFAULTS["cpu"]["channels_last"] is True
+    assert make_config(base, "cuda").channels_last is False
+    assert make_config(base).channels_last is False  # no device: the dataclass default
+    assert make_config({**base, "channels_last": False}, "cpu").channels_last is False  # the user wins
+    # the recorded command names the device-dependent option either way, so it reproduces anywhere
+    on, off = make_config(base, "cpu"), make_config(base, "cuda")
+    assert "--channels-last --fused-sgd" in config_to_cli(on)
+    assert "--no-channels-last --no-fused-sgd" in config_to_cli(off)
+    assert on.run_hash("d") != off.run_hash("d")
+
+
+def test_fused_sgd_same_metrics_as_plain_sgd():
+    """torch's fused SGD is the same update to float rounding: after two rounds the weights agree to
+    1e-4 (the bound of the channels_last test; measured 2e-5) and the per-client correct counts to at most 1 sample; bytes, FLOPs and samples are identical."""
+    plain = make_sim(small_config(method="fedlora", fused_sgd=False))
+    fused = make_sim(small_config(method="fedlora", fused_sgd=True))
+    opt = fused.make_optimizer([torch.zeros(2, requires_grad=True)])
+    assert opt.defaults["fused"] is True
+    for t in (1, 2):
+        ra, rb = plain.run_round(t), fused.run_round(t)
+        for x, y in zip(ra.rows, rb.rows, strict=True):
+            assert (x.bytes_up, x.bytes_down, x.train_macs, x.eval_macs, x.train_samples) == \
+                (y.bytes_up, y.bytes_down, y.train_macs, y.eval_macs, y.train_samples)
+            assert abs(x.correct - y.correct) <= 1
+    pa, pb = _params(plain), _params(fused)
+    for k in pa:
+        for x, y in zip(pa[k], pb[k], strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4)  # as channels_last: rounding, amplified
+
+
+def test_late_fields_keep_earlier_run_ids():
+    """A field added after results were stored is left out of the identity while at its default."""
+    from fedbench.config import LATE_FIELDS, make_config
+
+    cfg = make_config(dict(dataset="synthetic", method="fedlora"))
+    assert all(f'"{k}"' not in cfg.canonical_json() for k in LATE_FIELDS)
+    assert all(k in cfg.to_dict() for k in LATE_FIELDS)  # still shown in tables
+    on = make_config(dict(dataset="synthetic", method="fedlora", fused_sgd=True))
+    assert '"fused_sgd":true' in on.canonical_json() and on.run_hash("d") != cfg.run_hash("d")

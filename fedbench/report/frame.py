@@ -36,6 +36,18 @@ def statistic(series: np.ndarray, stat: str) -> float:
     return float(series[-10:].mean())
 
 
+def _reproduce(cfg: dict, recorded: str) -> str:
+    """The `fedbench run` command that reproduces a stored config on any device (device-dependent
+    options spelled out); the recorded invocation where the config cannot be rebuilt (method gone)."""
+    from fedbench.config import config_to_cli, make_config
+    from fedbench.errors import ConfigError
+    try:
+        return config_to_cli(make_config({**{k: v for k, v in cfg.items() if k != "method_params"},
+                                          **cfg["method_params"]}))
+    except (ConfigError, KeyError, TypeError):
+        return recorded
+
+
 def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target: float | None = None,
               sweep: str | None = None, dataset: str | None = None) -> tuple[pd.DataFrame, dict]:
     """One row per complete run, plus {run_id: accuracy-per-round DataFrame}."""
@@ -59,7 +71,8 @@ def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target
         row = {k: v for k, v in cfg.items() if k != "method_params"}
         row.update({f"hp_{k}": v for k, v in cfg["method_params"].items()})
         row.update(
-            run_id=r["run_id"], label=r["label"], command=r["command"], sweep=r["sweep"],
+            run_id=r["run_id"], label=r["label"], command=_reproduce(cfg, r["command"]), invocation=r["command"],
+            sweep=r["sweep"],
             accuracy=statistic(acc[col].to_numpy(dtype=float), stat),
             bytes_up_round=float(per_round["bytes_up"]), bytes_down_round=float(per_round["bytes_down"]),
             client_tflop_round=2 * float(per_round["train_macs"]) / 1e12,
