@@ -4,9 +4,12 @@ environment already holds torch (several GB), and re-installing it per session b
     nox -s tests     the default suite (what CI runs)
     nox -s lint      ruff
     nox -s nightly   long runs on real CIFAR-10 (needs FEDBENCH_DATA_DIR)
+    nox -s bench     the speed suite and the scale benchmark (benchmarks/README.md)
+    nox -s parity    accuracy parity of the numeric fast paths on real CIFAR-10
 """
 
 import sys
+from pathlib import Path
 
 import nox
 
@@ -40,7 +43,23 @@ def nightly(session):
 
 @nox.session(venv_backend="none")
 def bench(session):
-    """Speed suite on real CIFAR-10: ceiling, reference loop, engine (batch 64 and 10), scale. Writes JSON."""
-    session.run(PY, "benchmarks/speed.py", "--out", "bench-64.json", *session.posargs)
-    session.run(PY, "benchmarks/speed.py", "--batch-size", "10", "--out", "bench-10.json", *session.posargs)
-    session.run(PY, "benchmarks/scale.py", "--out", "bench-scale.json", *session.posargs)
+    """Speed suite on real CIFAR-10 (ceiling, reference loop, engine at batch 64 with the breakdown and the
+    threads and batched-clients studies, then batch 10), then the scale benchmark. One intra-op thread per
+    process (the dev machine's rule; pass e.g. `-- --threads 2` to change). Writes JSON and logs to
+    benchmarks/results/ (about 90 minutes on the 2-core dev machine). Needs FEDBENCH_DATA_DIR."""
+    out = Path("benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["--threads", "1", *session.posargs]
+    session.run(PY, "benchmarks/speed.py", "--breakdown", "--threads-study", "--batched-study",
+                "--out", str(out / "speed-b64.json"), *args)
+    session.run(PY, "benchmarks/speed.py", "--batch-size", "10", "--out", str(out / "speed-b10.json"), *args)
+    session.run(PY, "benchmarks/scale.py", "--out", str(out / "scale.json"), *args)
+
+
+@nox.session(venv_backend="none")
+def parity(session):
+    """Accuracy parity of the numeric fast paths on real CIFAR-10 (benchmarks/parity-cifar10.toml, 9 runs of
+    20 rounds), then the parity table in benchmarks/results/parity-cifar10.md. Resumable."""
+    store = "parity.sqlite"
+    session.run(PY, "-m", "fedbench", "sweep", "benchmarks/parity-cifar10.toml", "--results", store, "--jobs", "2")
+    session.run(PY, "benchmarks/parity.py", "--results", store, "--out", "benchmarks/results/parity-cifar10.md")

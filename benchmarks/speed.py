@@ -4,7 +4,7 @@
     python benchmarks/speed.py --data-dir /work/data --out bench-64.json        # the standard workload
     python benchmarks/speed.py --data-dir /work/data --batch-size 10 --out bench-10.json
     python benchmarks/speed.py --dataset synthetic --quick --out /tmp/q.json     # smoke test (seconds)
-    python benchmarks/speed.py --breakdown ...                                   # + where the engine loses time
+    python benchmarks/speed.py --breakdown --threads-study --batched-study ...   # + the studies below
 
 Workload (the issue's standard): CIFAR-10, 20 clients, pathological 2 classes each, CNN-1..5 (client i
 gets CNN-(i mod 5 + 1)), fraction 1, 1 local epoch, batch 64, 5 rounds, every client evaluated every
@@ -34,11 +34,22 @@ Ideal time per round (from the same-process ceiling, for the exact sample counts
 
 with passes: FedLoRA = (train f_k, E) + (forward f_k at the batch size, E2: phase 2 runs f_k under
 no_grad; the adapter's own work is not in the ideal); FML/FedKD = (train f_k, E) + (train the shared
-CNN, E) (FedKD's W_h and SVDs are not in the ideal); standalone and the reference = (train f_k, E).
-The reference loop evaluates at the training batch size, so its ideal uses the forward ceiling at
-that size. Round 1 (fvcore tracing, allocator warm-up) is reported but not used: s/round is the
-median of rounds 2..R; "best" is the fastest round. Per-round efficiency = ideal / wall time.
-FLOPs are 2 x the engine meter's MACs (fvcore convention; backward derived as 2x forward).
+CNN, E) (FedKD's W_h, KL terms and SVDs are not in the ideal); standalone and the reference = (train
+f_k, E). fwd_ceiling is the faster of the forward at the batch size and at the evaluation chunk (the
+strict choice, whatever chunk a loop evaluates with). Each numeric variant (fp32, fp32 + channels_last,
+...) is held to the ceiling measured in that variant. Round 1 (fvcore tracing, allocator warm-up) is
+reported but not used: s/round is the median of rounds 2..R; "best" is the fastest round. Per-round
+efficiency = ideal / wall time. FLOPs are 2 x the engine meter's MACs (fvcore convention; backward
+derived as 2x forward).
+
+Optional studies, each deciding an engine choice on the device it runs on:
+* ``--breakdown``: FedLoRA fp32 training split into parts (data, hooks, backward, clip, step, rest), and
+  the engine with each fast path undone (one-gather transform, cached meter hook, foreach clip, prefetch
+  thread) and with candidate changes not taken (SGD foreach);
+* ``--threads-study``: the engine with every (intra-op threads, prefetch thread) pair, and one process
+  per core against threads on the bare step;
+* ``--batched-study``: k same-architecture clients trained together with torch.func (vmap over stacked
+  parameters) against one by one.
 """
 
 from __future__ import annotations
@@ -65,9 +76,9 @@ import torch.nn.functional as F
 
 from fedbench.config import RunConfig, make_config
 from fedbench.data.sources import Arrays, content_digest, load_dataset
-from fedbench.data.transforms import BatchTransform, hflip, random_erase
+from fedbench.data.transforms import BatchTransform
 from fedbench.engine.data import build_federated_data
-from fedbench.engine.simulation import Simulation, resolve_device
+from fedbench.engine.simulation import Simulation, available_cores, default_prefetch, resolve_device
 from fedbench.metering.flops import FlopMeter
 from fedbench.models.cnn import CNN_WIDTHS, cnn_spec, model_assignment
 from fedbench.seeding import numpy_rng
@@ -198,6 +209,14 @@ def gemm_peak(device: torch.device, dtype: torch.dtype, sizes, min_time: float, 
     return {"gflops_by_size": by_size, "peak_gflops": max(by_size.values())}
 
 
+def _fused_ok(device: torch.device) -> bool:
+    try:
+        torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1, fused=True)
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
 def macs_per_sample(arch: str, num_classes: int) -> dict[str, int]:
     """MACs per image of a training step and of a forward, counted by the engine's own meter."""
     meter = FlopMeter()
@@ -222,7 +241,9 @@ def model_ceiling(arch: str, num_classes: int, batch: int, eval_batch: int, vari
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device)
     xe = torch.randn(eval_batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # the fastest SGD torch has on the device (fused where supported): the ceiling is what the hardware can do
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=_fused_ok(device))
 
     def train_step():
         with autocast(device, precision):
@@ -308,21 +329,32 @@ def round_work(cfg: RunConfig, trained: list[tuple[str, int]], tested: list[tupl
 
 
 def ideal_seconds(ceil: dict, work: dict) -> tuple[float, float]:
-    """(ideal training seconds, ideal evaluation seconds): images / ceiling throughput, summed."""
+    """(ideal training seconds, ideal evaluation seconds): images / ceiling throughput, summed.
+
+    Evaluation images are charged at the faster of the two measured forward ceilings (at the training
+    batch size and at the evaluation chunk), whatever chunk the run used: the strict ideal."""
+    def rate(key):
+        arch, kind = key.split("|")
+        if kind in ("eval_ips", "fwd_eval"):
+            return max(ceil[arch]["eval_ips"], ceil[arch]["fwd_ips"])
+        return ceil[arch][kind]
+
     def total(part):
-        return sum(n / ceil[key.split("|")[0]][key.split("|")[1]] for key, n in part.items())
+        return sum(n / rate(key) for key, n in part.items())
     return total(work["train"]), total(work["eval"])
 
 
 # --- the engine --------------------------------------------------------------------------------------
 
 def workload_config(args, method: str, variant: str, **over) -> RunConfig:
+    """The workload's config; options the variant does not set take the device's defaults (fused SGD on
+    the CPU), as `fedbench run` would."""
     precision, cl = VARIANTS[variant]
     values = dict(method=method, dataset=args.dataset, clients=args.clients, fraction=args.fraction,
                   rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, models="hetero",
                   precision=precision, channels_last=cl, seed=args.seed)
     values.update(over)
-    return make_config(values)
+    return make_config(values, resolve_device(args.device).type)
 
 
 def summarize_rounds(rows: list[dict]) -> dict:
@@ -374,6 +406,7 @@ def run_engine(arrays: Arrays, cfg: RunConfig, device: torch.device, ceil_v: dic
             f"ideal {it + ie:.2f} s, acc {acc if acc is None else round(acc, 4)}")
         if samples != expected:
             log(f"  WARNING: engine counted {samples} training samples, the ideal assumes {expected}")
+    sim.close()
     del sim
     gc.collect()
     return {"label": label, "method": cfg.method, "precision": cfg.precision, "channels_last": cfg.channels_last,
@@ -391,6 +424,7 @@ def pick_heaviest(arrays: Arrays, args, device: torch.device, candidates, log) -
         r = sim.run_round(1)
         macs[m] = sum(x.train_macs for x in r.rows) + r.server_macs
         log(f"  probe {m}: {2 * macs[m] / 1e9:.1f} GFLOP in round 1 ({sum(x.selected for x in r.rows)} clients)")
+        sim.close()
         del sim
     return max(macs, key=macs.get), macs
 
@@ -500,7 +534,7 @@ def run_reference(arrays: Arrays, cfg: RunConfig, device: torch.device, ceil_v: 
         t2 = time.perf_counter()
         trained = [(archs[k], n_train[k]) for k in selected]
         tested = [(archs[k], n_test[k]) for k in range(cfg.clients)]
-        work = round_work(replace(cfg, method="standalone"), trained, tested, eval_kind="fwd_ips")
+        work = round_work(replace(cfg, method="standalone"), trained, tested)
         it, ie = ideal_seconds(ceil_v, work)
         acc = float(np.mean([c / n for c, n in zip(correct, n_test, strict=True) if n]))
         rows.append({"round": t, "wall_s": t2 - t0, "train_s": t1 - t0, "eval_s": t2 - t1,
@@ -554,19 +588,15 @@ def timed_batches(timers: Timers, orig):
     return train_batches
 
 
-# Candidate engine changes, applied by monkeypatching (fedbench itself is not edited).
+# The engine's fast paths, each undone by monkeypatching (fedbench itself is not edited): the breakdown
+# measures what each one is worth on this device, so that every choice in the engine is a measured one.
 
-def _hook_cached(self, m, inputs, output):
-    """FlopMeter._hook with the per-sample cost cached by (module id, input shape)."""
+def _hook_plain(self, m, inputs, output):
+    """FlopMeter._hook without the (module, input shape) cache: the cost key is rebuilt on every call."""
     if self._scope is None or self._tracing or not inputs or not isinstance(inputs[0], torch.Tensor):
         return
     x = inputs[0]
-    cache = self.__dict__.setdefault("_fast", {})
-    key = (id(m), x.shape[1:])
-    cost = cache.get(key)
-    if cost is None:
-        cost = cache[key] = self._per_sample(m, x)
-    fwd = cost * x.shape[0]
+    fwd = self._per_sample(m, x) * x.shape[0]
     total = fwd
     if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
         if any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -576,13 +606,26 @@ def _hook_cached(self, m, inputs, output):
     self.macs[(self._scope, self._kind)] += total
 
 
-def _step_foreach_clip(self, opt, loss):
+def _step_plain_clip(self, opt, loss):
+    """Simulation.optimizer_step with the per-tensor (not foreach) gradient-norm clip."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if self.cfg.clip > 0:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.clip, foreach=True)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.clip, foreach=False)
     opt.step()
+
+
+def _train_gather_plain(self, images, idx, mode, g, pad=4):
+    """BatchTransform.train_gather done the plain way: gather, normalise, flip, erase, pad, crop."""
+    return self.train(images[idx], mode, g)
+
+
+def _sgd_plain(self, params, lr=None):
+    """Simulation.make_optimizer with torch's default SGD (a for-loop over tensors on the CPU)."""
+    cfg = self.cfg
+    return torch.optim.SGD(list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
 
 
 def _sgd_foreach(self, params, lr=None):
@@ -591,80 +634,22 @@ def _sgd_foreach(self, params, lr=None):
                            weight_decay=cfg.weight_decay, foreach=True)
 
 
-def _batches_epoch_augment(self, client, epochs, augment, shuffle, count=True):
-    """Augment a client's whole epoch in one batched call, then slice (same distribution, other stream)."""
-    from fedbench.seeding import torch_generator
-
-    cfg, data = self.cfg, self.data
-    idx = data.index["train"][client.id]
-    client.streams += 1
-    g = torch_generator(self.device, cfg.seed, "data", client.id, client.round, client.streams)
-    mode = cfg.augment if augment else "none"
-    n, bs = len(idx), cfg.batch_size
-    for _ in range(epochs):
-        order = idx[torch.randperm(n, generator=g, device=self.device)] if shuffle else idx
-        xs, ys = data.transform.train(data.images[order], mode, g), data.labels[order]
-        for s in range(0, n, bs):
-            if count:
-                self._samples[client.id] += min(bs, n - s)
-            yield xs[s:s + bs], ys[s:s + bs]
-
-
-def _transform_train_fast(self, x_u8, mode, g):
-    """BatchTransform.train, bit-identical (the same random draws in the same order): normalise in place,
-    and crop as one gather of 32x32 windows (``unfold``), which lands in NCHW directly."""
-    x = x_u8.to(self.dtype).sub_(self.mean).mul_(self.inv_std)
-    if mode == "none":
-        return self.to_nchw(x)
-    x = hflip(x, g)
-    if mode == "spec":
-        x = random_erase(x, g)
-    n, H, W, _ = x.shape
-    pad = 4
-    xp = F.pad(x, (0, 0, pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
-    # (n, C, H, W) with the window's NHWC strides, i.e. already channels-last in memory
-    out = xp.unfold(1, H, 1).unfold(2, W, 1)[torch.arange(n, device=x.device), oy, ox]
-    return out.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-
-
-def _batches_prefetch(self, client, epochs, augment, shuffle, count=True):
-    """Simulation.train_batches with the next batch gathered and augmented by a helper thread while the
-    caller trains on the current one (torch ops release the GIL; the helper uses another core)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    it = _ORIG_TRAIN_BATCHES(self, client, epochs, augment, shuffle, count)
-    done = object()
-    with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(next, it, done)
-        while True:
-            b = nxt.result()
-            if b is done:
-                return
-            nxt = pool.submit(next, it, done)
-            yield b
-
-
-_ORIG_TRAIN_BATCHES = Simulation.train_batches
-
-
 def _compute_no_autocast_cache(self):
-    """Simulation.compute with autocast's weight cache off: the cached bf16 cast of a parameter survives
-    in-place SGD updates until the context exits, so with the cache every forward of a client's round
-    would use the weights the round started with."""
+    """Simulation.compute with autocast's weight cache off (the engine's behaviour since the fix; kept
+    for --fix-autocast-cache on older trees)."""
     if self.cfg.precision == "bf16":
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
-CHANGES: dict[str, list[tuple[object, str, object]]] = {
-    "meter hook cached by (module, input shape)": [(FlopMeter, "_hook", _hook_cached)],
-    "clip_grad_norm_(foreach=True)": [(Simulation, "optimizer_step", _step_foreach_clip)],
-    "SGD(foreach=True)": [(Simulation, "make_optimizer", _sgd_foreach)],
-    "train transform: in-place normalise, crop by unfold": [(BatchTransform, "train", _transform_train_fast)],
-    "augment a client's epoch in one call": [(Simulation, "train_batches", _batches_epoch_augment)],
-    "prefetch the next batch in a helper thread": [(Simulation, "train_batches", _batches_prefetch)],
+PLAIN: dict[str, list[tuple[object, str, object]]] = {
+    "plain transform (step by step)": [(BatchTransform, "train_gather", _train_gather_plain)],
+    "meter hook without cache": [(FlopMeter, "_hook", _hook_plain)],
+    "clip_grad_norm_ per tensor": [(Simulation, "optimizer_step", _step_plain_clip)],
+    "SGD for-loop (not fused)": [(Simulation, "make_optimizer", _sgd_plain)],
+}
+CANDIDATES: dict[str, list[tuple[object, str, object]]] = {
+    "candidate: SGD(foreach=True) instead of fused": [(Simulation, "make_optimizer", _sgd_foreach)],
 }
 
 
@@ -693,18 +678,61 @@ def _warm_meter(sim: Simulation) -> None:
     sim.meter.take()
 
 
+def timed_round_variants(arrays: Arrays, cfg: RunConfig, device: torch.device, variants: dict, repeats: int,
+                         timers: Timers | None = None, instrumented: str | None = None):
+    """Fastest training seconds of round 2 for each variant {name: (patches, prefetch, threads)}.
+
+    One simulation per variant shares one FederatedData; each warms up with round 1; then round 2 (the same
+    clients and data order every time) is re-run ``repeats`` times, the variants interleaved so that a busy
+    neighbour hits them alike. Returns ({name: seconds}, the parts of the instrumented variant, the round)."""
+    sims = {}
+    data = build_federated_data(arrays, cfg, device)
+    threads0 = torch.get_num_threads()
+    for name, (ch, prefetch, threads) in variants.items():
+        torch.set_num_threads(threads or threads0)
+        with patched(ch):
+            sims[name] = Simulation(cfg, data, device, prefetch=prefetch)
+            _warm_meter(sims[name])
+            sims[name].run_round(1)
+    best = dict.fromkeys(variants, math.inf)
+    parts: dict[str, float] = {}
+    last = None
+    try:
+        for _ in range(repeats):
+            for name, (ch, _prefetch, threads) in variants.items():
+                torch.set_num_threads(threads or threads0)
+                gc.collect()
+                if timers is not None:
+                    timers.s.clear()
+                with patched(ch):
+                    last = sims[name].run_round(2)
+                if last.train_s < best[name]:
+                    best[name] = last.train_s
+                    if name == instrumented and timers is not None:
+                        parts = dict(timers.s)
+    finally:
+        torch.set_num_threads(threads0)
+        for sim in sims.values():
+            sim.close()
+    trained = [(sims[name].clients[x.client].arch, sims[name].clients[x.client].n_train)
+               for x in last.rows if x.selected]
+    del sims, data
+    gc.collect()
+    return best, parts, trained
+
+
 def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> dict:
-    """FedLoRA fp32 training time split into parts, then the measured effect of candidate engine changes.
+    """FedLoRA fp32 training time split into parts, then what each fast path of the engine is worth.
 
     Fraction ``--breakdown-fraction`` of the clients trains, without evaluation (evaluation is compared
-    with its own ideal in the main table). One simulation per variant (the engine as is, the instrumented
-    engine, each change, all changes) shares one FederatedData; each warms up with round 1, then round 2
-    (the same clients and data order every time) is re-run ``--breakdown-repeats`` times, the variants
-    interleaved so that a busy neighbour hits them alike; the fastest repeat of each is kept.
+    with its own ideal in the main table); ``--breakdown-repeats`` interleaved repeats, fastest kept.
+    Variants: the engine as is; the engine with one fast path undone (plain transform, uncached meter
+    hook, per-tensor clip, no prefetch thread); all undone (the plain engine); candidates not taken.
+    The instrumented variant (timers around the data iterator, hooks, backward, clip, step) runs without
+    the prefetch thread, so that the data time is the work done, not the wait.
     """
     cfg = workload_config(args, "fedlora", "fp32", fraction=args.breakdown_fraction, rounds=10 ** 6,
                           eval_every=10 ** 6)
-    data = build_federated_data(arrays, cfg, device)
     timers = Timers()
     orig_hook, orig_batches = FlopMeter._hook, Simulation.train_batches
 
@@ -720,45 +748,153 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> 
                   (torch.Tensor, "backward", timers.timed(torch.Tensor.backward, "backward")),
                   (torch.optim.SGD, "step", timers.timed(torch.optim.SGD.step, "SGD.step")),
                   (Simulation, "make_optimizer", timers.timed(Simulation.make_optimizer, "make_optimizer"))]
-    variants = {"instrumented": instrument, "none (engine as is)": [], **CHANGES,
-                "all but the helper thread": [c for k, ch in CHANGES.items() if "thread" not in k for c in ch],
-                "all but the epoch augmentation": [c for k, ch in CHANGES.items() if "epoch" not in k for c in ch]}
-    sims = {}
-    for name, ch in variants.items():
-        with patched(ch):
-            sims[name] = Simulation(cfg, data, device)
-            _warm_meter(sims[name])
-            sims[name].run_round(1)
-    best = dict.fromkeys(variants, math.inf)
-    parts: dict[str, float] = {}
-    ideal = None
-    for _ in range(args.breakdown_repeats):
-        for name, ch in variants.items():
-            gc.collect()
-            timers.s.clear()
-            with patched(ch):
-                r = sims[name].run_round(2)
-            if r.train_s < best[name]:
-                best[name] = r.train_s
-                if name == "instrumented":
-                    parts = dict(timers.s)
-            if ideal is None:
-                sim = sims[name]
-                trained = [(sim.clients[x.client].arch, sim.clients[x.client].n_train) for x in r.rows if x.selected]
-                ideal, _ = ideal_seconds(ceil_v, round_work(cfg, trained, []))
-    del sims, data
-    gc.collect()
-    train_s = best.pop("instrumented")
+    pf = default_prefetch(device)
+    variants = {"instrumented (no prefetch)": (instrument, False, 0), "engine as is": ([], pf, 0)}
+    for name, ch in PLAIN.items():
+        variants[f"without: {name}"] = (ch, pf, 0)
+    if pf:
+        variants["without: prefetch thread"] = ([], False, 0)
+    variants["plain engine (all fast paths off)"] = ([c for ch in PLAIN.values() for c in ch], False, 0)
+    for name, ch in CANDIDATES.items():
+        variants[name] = (ch, pf, 0)
+    best, parts, trained = timed_round_variants(arrays, cfg, device, variants, args.breakdown_repeats, timers,
+                                                "instrumented (no prefetch)")
+    ideal, _ = ideal_seconds(ceil_v, round_work(cfg, trained, []))
+    train_s = best.pop("instrumented (no prefetch)")
     parts["forward, losses, method code (rest)"] = train_s - sum(parts.values())
     log(f"  breakdown: train {train_s:.3f} s vs ideal {ideal:.3f} s; "
         + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
-    base_s = best["none (engine as is)"]
+    base_s = best["engine as is"]
     changes = {}
-    for name, s in best.items():
-        changes[name] = {"train_s": s, "ideal_train_s": ideal, "efficiency": ideal / s, "gain": base_s / s - 1}
-        log(f"  change {name}: {s:.3f} s ({ideal / s:.1%} of ideal, {base_s / s - 1:+.1%})")
-    return {"config": {"fraction": cfg.fraction, "repeats": args.breakdown_repeats, "batch_size": cfg.batch_size},
+    for name, s_ in best.items():
+        changes[name] = {"train_s": s_, "ideal_train_s": ideal, "efficiency": ideal / s_, "gain": base_s / s_ - 1}
+        log(f"  {name}: {s_:.3f} s ({ideal / s_:.1%} of ideal, engine {base_s / s_ - 1:+.1%} against it)")
+    return {"config": {"fraction": cfg.fraction, "repeats": args.breakdown_repeats, "batch_size": cfg.batch_size,
+                       "prefetch": pf, "threads": torch.get_num_threads()},
             "train_s": train_s, "ideal_train_s": ideal, "parts_s": parts, "changes": changes}
+
+
+def threading_study(arrays: Arrays, args, device: torch.device, log) -> dict:
+    """Threads against processes on this CPU, for the engine's own choice (``default_prefetch``).
+
+    (a) The engine (standalone fp32, ``--breakdown-fraction`` of the clients, training only) with every
+    (intra-op threads, prefetch thread) pair up to the cores; (b) the bare training step of each CNN in one
+    process with all cores as threads, against one process per core with one thread each, all stepping at
+    once (aggregate img/s): what splitting clients over processes could gain."""
+    cores = available_cores()
+    cfg = workload_config(args, "standalone", "fp32", fraction=args.breakdown_fraction, rounds=10 ** 6,
+                          eval_every=10 ** 6)
+    variants = {}
+    for t in sorted({1, cores}):
+        for pf in (False, True):
+            variants[f"{t} thread(s), prefetch {'on' if pf else 'off'}"] = ([], pf, t)
+    best, _, _ = timed_round_variants(arrays, cfg, device, variants, args.breakdown_repeats)
+    for k, v in best.items():
+        log(f"  engine standalone, {k}: {v:.3f} s")
+    procs = {}
+    if cores > 1:
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        for arch in ("cnn1", "cnn5"):
+            one = _ceiling_worker(arch, args.batch_size, cores, args.ceiling_time * 4, None)
+            with ctx.Pool(cores) as pool:
+                barrier = ctx.Manager().Barrier(cores)
+                each = pool.starmap(_ceiling_worker, [(arch, args.batch_size, 1, args.ceiling_time * 4, barrier)] * cores)
+            procs[arch] = {"one_process_threads_ips": one, "processes_ips": sum(each), "per_process_ips": each,
+                           "gain": sum(each) / one}
+            log(f"  bare {arch} step: 1 process x {cores} threads {one:.0f} img/s; {cores} processes x 1 thread "
+                f"{sum(each):.0f} img/s ({sum(each) / one:.2f}x)")
+    return {"cores": cores, "engine_train_s": best, "ceiling_processes": procs}
+
+
+def batched_clients_study(device: torch.device, batch: int, k: int, variant: str, min_time: float, repeats: int,
+                          log) -> dict:
+    """Training k clients of one architecture together against one by one, at the bare-step level.
+
+    One by one: k models, each a forward/CE/backward/SGD(momentum, weight decay) step on its own batch
+    (what the engine does). Together: the k models' parameters stacked (torch.func.stack_module_state),
+    per-client gradients from vmap(grad(loss)) over functional_call, one SGD update on the stacked
+    tensors (torch._foreach ops); the same math per client. Reported per CNN: s per k steps and the
+    speed-up of batching; the engine batches clients only where this is > 1 on the device."""
+
+    out = {}
+    for arch in ARCHS:
+        try:
+            s_loop, s_vmap = _batched_arch(arch, device, batch, k, variant, min_time, repeats)
+        except RuntimeError as e:  # a torch build whose vmap lacks a rule: report, do not fail the suite
+            out[arch] = {"error": str(e).splitlines()[0]}
+            log(f"  batched clients {arch}: vmap failed ({out[arch]['error']})")
+            continue
+        out[arch] = {"one_by_one_s": s_loop, "batched_s": s_vmap, "speedup": s_loop / s_vmap}
+        log(f"  batched clients {arch} x{k} ({variant}): one by one {s_loop * 1e3:.1f} ms, vmap {s_vmap * 1e3:.1f} ms "
+            f"({s_loop / s_vmap:.2f}x)")
+    return {"k": k, "batch": batch, "variant": variant, "models": out}
+
+
+def _batched_arch(arch: str, device: torch.device, batch: int, k: int, variant: str, min_time: float,
+                  repeats: int) -> tuple[float, float]:
+    """(s for k one-by-one steps, s for one batched step of k clients) of one CNN."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    precision, cl = VARIANTS[variant]
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    torch.manual_seed(0)
+    models = [cnn_spec(arch, 10).build().to(device).to(memory_format=fmt) for _ in range(k)]
+    xs = torch.randn(k, batch, 3, 32, 32, device=device)
+    ys = torch.randint(0, 10, (k, batch), device=device)
+    xs_list = [x.contiguous(memory_format=fmt) for x in xs]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3) for m in models]
+
+    def one_by_one():
+        for m, o, x, y in zip(models, opts, xs_list, ys, strict=True):
+            with autocast(device, precision):
+                loss = F.cross_entropy(m(x)[0], y)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+
+    params, buffers = stack_module_state(models)
+    names = list(params)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def loss_fn(p, b, x, y):
+        with autocast(device, precision):
+            return F.cross_entropy(functional_call(base, (p, b), (x,))[0], y)
+
+    per_client_grad = vmap(grad(loss_fn))
+    plist = [params[n].detach() for n in names]
+    mom = [torch.zeros_like(t) for t in plist]
+
+    def together():
+        g = per_client_grad(params, buffers, xs, ys)
+        gl = [g[n] for n in names]
+        torch._foreach_add_(gl, plist, alpha=1e-3)      # weight decay
+        torch._foreach_mul_(mom, 0.9)
+        torch._foreach_add_(mom, gl)                    # momentum buffer
+        torch._foreach_add_(plist, mom, alpha=-0.01)    # step
+
+    return (time_call(one_by_one, device, min_time, repeats, warmup=2),
+            time_call(together, device, min_time, repeats, warmup=2))
+
+
+def _ceiling_worker(arch: str, batch: int, threads: int, seconds: float, barrier) -> float:
+    """img/s of the bare fp32 training step of ``arch`` with ``threads`` threads over ``seconds``."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = cnn_spec(arch, 10).build()
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        F.cross_entropy(model(x)[0], y).backward()
+    if barrier is not None:
+        barrier.wait()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x)[0], y).backward()
+        opt.step()
+        n += batch
+    return n / (time.perf_counter() - t0)
 
 
 # --- output -----------------------------------------------------------------------------------------------
@@ -776,7 +912,7 @@ def print_report(res: dict, console) -> None:
                   f"load avg at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}")
     console.print(f"workload: {cfg['dataset']}, {cfg['clients']} clients, fraction {cfg['fraction']}, pathological "
                   f"{cfg['classes_per_client']} classes, CNN-1..5, E={cfg['epochs']}, batch {cfg['batch_size']}, "
-                  f"{cfg['rounds']} rounds, all clients evaluated every round (eval chunk "
+                  f"{cfg['rounds']} rounds, all clients evaluated every round, fused SGD {cfg.get('fused_sgd')} (eval chunk "
                   f"{res['ceiling']['eval_batch']}).")
     ceil = res["ceiling"]
     t = Table(title=f"Ceiling: bare fwd/bwd/SGD on resident tensors, batch {ceil['batch']} (best of N)")
@@ -813,19 +949,33 @@ def print_report(res: dict, console) -> None:
                   "n_test/forward ceiling (FedLoRA: + phase-2 forward of f_k; FML/FedKD: + training of the shared "
                   "CNN); reference: FedAvg-style local CE per client, not FedLoRA; 'vs reference' = reference "
                   "s/round / run s/round.")
-    if res.get("bf16_vs_fp32"):
-        console.print("bf16 speed-up over fp32 (s/round ratio): " + ", ".join(
-            f"{k} {v['speedup']:.2f}x (accuracy {_fmt(v['acc_fp32'], '.4f')} -> {_fmt(v['acc_bf16'], '.4f')})"
-            for k, v in res["bf16_vs_fp32"].items()))
+    if res.get("vs_fp32"):
+        console.print("Speed-up over plain fp32 (s/round ratio; accuracy after the last round, fp32 -> variant): "
+                      + ", ".join(f"{k} {v['speedup']:.2f}x ({_fmt(v['acc_fp32'], '.4f')} -> "
+                                  f"{_fmt(v['acc_variant'], '.4f')})" for k, v in res["vs_fp32"].items()))
     if res.get("breakdown"):
         b = res["breakdown"]
-        console.print(f"Breakdown (FedLoRA fp32, fraction {b['config']['fraction']}, training only): "
+        console.print(f"Breakdown (FedLoRA fp32, fraction {b['config']['fraction']}, training only; parts timed "
+                      f"without the prefetch thread): "
                       f"{b['train_s']:.3f} s vs ideal {b['ideal_train_s']:.3f} s")
         for k, v in b["parts_s"].items():
             console.print(f"  {k:40s} {v:8.3f} s  {v / b['train_s']:6.1%}")
         for k, v in b["changes"].items():
-            console.print(f"  change: {k:40s} {v['train_s']:.3f} s  {v['efficiency']:.1%} of ideal"
-                          + (f"  {v['gain']:+.1%}" if "gain" in v else ""))
+            console.print(f"  {k:45s} {v['train_s']:.3f} s  {v['efficiency']:.1%} of ideal"
+                          + (f"  (engine as is {v['gain']:+.1%} against it)" if k != "engine as is" else ""))
+    for v, bs in (res.get("batched_study") or {}).items():
+        console.print(f"Batched clients ({bs['k']} per architecture, batch {bs['batch']}, {v}): " + "; ".join(
+            f"{a} {r['one_by_one_s'] * 1e3:.1f} -> {r['batched_s'] * 1e3:.1f} ms ({r['speedup']:.2f}x)" if "speedup" in r
+            else f"{a} failed" for a, r in bs["models"].items()))
+    if res.get("threads_study"):
+        ts = res["threads_study"]
+        console.print(f"Threads ({ts['cores']} cores), engine standalone fp32 training, fraction "
+                      f"{res['args']['breakdown_fraction']}: " + "; ".join(f"{k} {v:.3f} s"
+                                                                           for k, v in ts["engine_train_s"].items()))
+        for arch, r in ts["ceiling_processes"].items():
+            console.print(f"  bare {arch} step: one process, {ts['cores']} threads {r['one_process_threads_ips']:.0f} "
+                          f"img/s; {ts['cores']} processes x 1 thread {r['processes_ips']:.0f} img/s "
+                          f"({r['gain']:.2f}x)")
     for name, ok in res["targets"].items():
         console.print(f"target {name}: {'[green]met[/]' if ok['met'] else '[red]not met[/]'} ({ok['value']})")
 
@@ -834,14 +984,12 @@ def targets(res: dict) -> dict:
     out = {}
     for r in res["engine"]:
         if r["precision"] == "fp32" and r["efficiency"] is not None:
-            out[f"{r['label']} fp32 >= 95% of ideal"] = {
+            out[f"{r['label']} {r['precision']}{'+cl' if r['channels_last'] else ''} >= 95% of ideal"] = {
                 "met": r["efficiency"] >= 0.95,
                 "value": f"{r['efficiency']:.1%} median, {r['efficiency_best']:.1%} best"}
-    for k, v in res.get("bf16_vs_fp32", {}).items():
-        out[f"{k} bf16 >= 2x fp32"] = {"met": v["speedup"] >= 2.0, "value": f"{v['speedup']:.2f}x"}
-        if v["acc_fp32"] is not None and v["acc_bf16"] is not None:
-            d = abs(v["acc_bf16"] - v["acc_fp32"]) * 100
-            out[f"{k} bf16 accuracy within 1 point"] = {"met": d <= 1.0, "value": f"{d:.2f} points"}
+    for k, v in res.get("vs_fp32", {}).items():
+        if v["variant"].startswith("bf16"):
+            out[f"{k} >= 2x fp32"] = {"met": v["speedup"] >= 2.0, "value": f"{v['speedup']:.2f}x"}
     return out
 
 
@@ -863,8 +1011,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, help="keep this many training images (and a fifth as many test images)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: the cores torch sees)")
-    p.add_argument("--variants", default="fp32,bf16cl",
-                   help="engine numerics, comma-separated from fp32, fp32cl, bf16, bf16cl (cl = channels_last)")
+    p.add_argument("--variants", default="auto",
+                   help="engine numerics, comma-separated from fp32, fp32cl, bf16, bf16cl (cl = channels_last); "
+                        "auto: fp32,fp32cl, plus bf16cl where the device has bf16 hardware (CUDA, AMX or "
+                        "AVX512-BF16)")
     p.add_argument("--baseline", default="auto", help="heaviest baseline to run: auto (measure fml, fedkd), a "
                                                       "method name, or none")
     p.add_argument("--no-standalone", action="store_true", help="skip the engine's standalone run")
@@ -880,6 +1030,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true", help="also split the engine's time and measure candidate "
                                                             "engine changes (FedLoRA fp32)")
     p.add_argument("--breakdown-only", action="store_true", help="the ceiling and the breakdown, no other run")
+    p.add_argument("--batched-study", action="store_true",
+                   help="also time k same-architecture clients trained together (torch.func vmap) against one "
+                        "by one, per CNN")
+    p.add_argument("--batched-k", type=int, default=4, help="clients per architecture group (default 4 = 20/5)")
+    p.add_argument("--threads-study", action="store_true",
+                   help="also time the engine with every (threads, prefetch) pair and one process per core "
+                        "against threads (bare step)")
     p.add_argument("--breakdown-fraction", type=float, default=0.25)
     p.add_argument("--breakdown-repeats", type=int, default=3)
     p.add_argument("--out", help="write the results as JSON here")
@@ -894,6 +1051,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.breakdown, args.no_reference, args.no_standalone, args.baseline = True, True, True, "none"
     if q and args.subset is None and args.dataset != "synthetic":
         args.subset = 4000
+    if args.variants == "auto":
+        flags = cpu_flags()
+        has_bf16 = (args.device != "cpu" and torch.cuda.is_available()) or bool({"amx_bf16", "avx512_bf16"} & flags)
+        args.variants = "fp32,fp32cl" + (",bf16cl" if has_bf16 else "")
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
@@ -929,7 +1090,7 @@ def main(argv=None) -> dict:
                  "workload": {k: getattr(base, k) for k in ("dataset", "clients", "fraction", "rounds", "epochs",
                                                             "batch_size", "partition", "classes_per_client",
                                                             "models", "augment", "clip", "lr", "momentum",
-                                                            "weight_decay", "eval_batch_size")},
+                                                            "weight_decay", "eval_batch_size", "fused_sgd")},
                  "data": {"source": arrays.source, "n_train": len(arrays.y_train), "n_test": len(arrays.y_test)},
                  "macs_per_sample": {a: macs_per_sample(a, base.num_classes) for a in ARCHS}}
     gemm_sizes = (256, 512) if args.quick else ((512, 1024, 2048) if device.type == "cpu" else (4096, 8192))
@@ -969,20 +1130,27 @@ def main(argv=None) -> dict:
     if args.breakdown:
         log("breakdown of the engine's training time (FedLoRA fp32)")
         res["breakdown"] = breakdown(arrays, args, device, ceil_m["fp32"], log)
+    if args.batched_study:
+        log("batched clients (torch.func) against one by one")
+        res["batched_study"] = {v: batched_clients_study(device, args.batch_size, args.batched_k, v, args.ceiling_time,
+                                                         args.ceiling_repeats, log) for v in variants}
+    if args.threads_study:
+        log("threads and processes")
+        res["threads_study"] = threading_study(arrays, args, device, log)
     if args.ceiling_passes > 1:
         log("ceiling again (the faster of the two is kept)")
         res["ceiling_first"] = res["ceiling"]
         res["ceiling"] = merge_ceilings(res["ceiling"], ceiling())
         recompute_ideal(res)
 
-    # the bf16/fp32 ratio of every method run in both
-    res["bf16_vs_fp32"] = {}
-    by = {(r["label"], r["precision"]): r for r in res["engine"]}
-    for (label, prec), r in by.items():
-        if prec == "bf16" and (label, "fp32") in by:
+    # every numeric variant against plain fp32, per method run in both
+    res["vs_fp32"] = {}
+    by = {(r["label"], r["precision"] + ("cl" if r["channels_last"] else "")): r for r in res["engine"]}
+    for (label, v), r in by.items():
+        if v != "fp32" and (label, "fp32") in by:
             f = by[(label, "fp32")]
-            res["bf16_vs_fp32"][label] = {"speedup": f["s_per_round"] / r["s_per_round"],
-                                          "acc_fp32": f["final_accuracy"], "acc_bf16": r["final_accuracy"]}
+            res["vs_fp32"][f"{label} {v}"] = {"variant": v, "speedup": f["s_per_round"] / r["s_per_round"],
+                                              "acc_fp32": f["final_accuracy"], "acc_variant": r["final_accuracy"]}
     if res.get("reference"):
         for r in res["engine"]:
             r["speedup_vs_reference"] = res["reference"]["s_per_round"] / r["s_per_round"]
