@@ -211,9 +211,11 @@ def plan(sweep: Sweep, store, data_dir) -> list[Job]:
     return jobs
 
 
-def _spawn(job: Job, results: Path, data_dir, device: str, sweep_name: str, threads: int, log_dir: Path) -> None:
+def _spawn(job: Job, results: Path, data_dir, device: str, sweep_name: str, threads: int, log_dir: Path,
+           prefetch: str = "auto") -> None:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("FEDBENCH_PREFETCH", prefetch)
     env["PYTHONWARNINGS"] = "ignore"
     cmd = [sys.executable, "-m", "fedbench.worker", "--config", job.cfg.canonical_json(), "--results", str(results),
            "--device", device, "--sweep", sweep_name, "--threads", str(threads)]
@@ -229,6 +231,10 @@ def execute_sweep(jobs: list[Job], results: Path, data_dir, device: str, sweep_n
     """Run pending jobs, at most ``n_jobs`` at a time, each in its own process with ``threads`` threads
     (default: cores / jobs; one thread per process avoids the OpenMP contention two-thread runs suffer)."""
     threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
+    # each worker's batch-prefetch thread needs a core of its own; none is left when the jobs' threads
+    # fill the machine
+    from fedbench.engine.simulation import available_cores
+    prefetch = "off" if n_jobs * threads >= available_cores() else "auto"
     log_dir = results.parent / f".{results.name}.logs"
     log_dir.mkdir(exist_ok=True)
     queue = [j for j in jobs if j.state == "pending"]
@@ -236,7 +242,7 @@ def execute_sweep(jobs: list[Job], results: Path, data_dir, device: str, sweep_n
     while queue or running:
         while queue and len(running) < n_jobs:
             job = queue.pop(0)
-            _spawn(job, results, data_dir, device, sweep_name, threads, log_dir)
+            _spawn(job, results, data_dir, device, sweep_name, threads, log_dir, prefetch)
             running.append(job)
             on_change and on_change(jobs)
         time.sleep(poll)

@@ -299,3 +299,34 @@ def test_late_fields_keep_earlier_run_ids():
     assert all(k in cfg.to_dict() for k in LATE_FIELDS)  # still shown in tables
     on = make_config(dict(dataset="synthetic", method="fedlora", fused_sgd=True))
     assert '"fused_sgd":true' in on.canonical_json() and on.run_hash("d") != cfg.run_hash("d")
+
+
+def test_prefetch_env_override(monkeypatch):
+    from fedbench.engine.simulation import PREFETCH_ENV, default_prefetch
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(PREFETCH_ENV, "off")
+    assert not default_prefetch(cpu, threads=1, cores=4)
+    monkeypatch.setenv(PREFETCH_ENV, "on")
+    assert default_prefetch(cpu, threads=4, cores=4)
+    assert not default_prefetch(torch.device("cuda"), threads=1, cores=4)  # never on CUDA
+    monkeypatch.setenv(PREFETCH_ENV, "auto")
+    assert default_prefetch(cpu, threads=1, cores=4)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0, float("nan")])
+def test_engine_clip_is_torch_clip_bit_for_bit(scale):
+    """The engine's clip skips the multiply by exactly 1.0 on the CPU; the gradients are those of
+    torch.nn.utils.clip_grad_norm_ below, around and above the threshold, and with a NaN."""
+    sim = make_sim(small_config(method="standalone", clip=5.0))
+    g = torch.Generator().manual_seed(0)
+    shapes = ((16, 3, 5, 5), (10, 50), (10,))
+    ours = [torch.zeros(s, requires_grad=True) for s in shapes]
+    theirs = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn(a.shape, generator=g) * scale
+        b.grad = a.grad.clone()
+    sim.clip_gradients(ours)
+    torch.nn.utils.clip_grad_norm_(theirs, 5.0, foreach=True)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
