@@ -10,7 +10,8 @@ Workload (the issue's standard): CIFAR-10, 20 clients, pathological 2 classes ea
 gets CNN-(i mod 5 + 1)), fraction 1, 1 local epoch, batch 64, 5 rounds, every client evaluated every
 round. Everything below runs in this process, on one device, with ``--threads`` intra-op threads.
 
-1. **Ceiling.** Per CNN and per numeric variant (fp32; bf16 = autocast + channels_last): a bare
+1. **Ceiling.** Per CNN and per numeric variant (fp32, fp32cl = channels_last, bf16cl = autocast +
+   channels_last; SGD fused where torch has it): a bare
    forward/backward/SGD loop on resident random tensors at the batch size (img/s, GFLOP/s), a bare
    forward at the batch size and at the evaluation chunk size; and the GEMM peak (square matmuls,
    a few sizes, best of N) in fp32 and bf16. Best-of-N windows; with ``--ceiling-passes 2`` (the
@@ -26,7 +27,7 @@ round. Everything below runs in this process, on one device, with ``--threads`` 
 3. **Engine** (``fedbench.engine.simulation``) on the same workload: FedLoRA, the heaviest baseline
    (``--baseline auto`` measures the engine's MACs per round of FML and FedKD and takes the larger),
    and ``standalone`` (local CE only: the same work as the reference loop, for an apples-to-apples
-   speedup); fp32 and bf16.
+   speedup); in each numeric variant of ``--variants``.
 
 Ideal time per round (from the same-process ceiling, for the exact sample counts of the engine run):
 
@@ -43,7 +44,8 @@ efficiency = ideal / wall time. FLOPs are 2 x the engine meter's MACs (fvcore co
 derived as 2x forward).
 
 Optional studies, each deciding an engine choice on the device it runs on:
-* ``--breakdown``: FedLoRA fp32 training split into parts (data, hooks, backward, clip, step, rest), and
+* ``--breakdown``: FedLoRA training (``--breakdown-variant``: fp32cl where it runs, the CPU default) split
+  into parts (data, hooks, backward, clip, step, rest), and
   the engine with each fast path undone (one-gather transform, cached meter hook, foreach clip, prefetch
   thread) and with candidate changes not taken (SGD foreach);
 * ``--threads-study``: the engine with every (intra-op threads, prefetch thread) pair, and one process
@@ -645,7 +647,7 @@ def _compute_no_autocast_cache(self):
 PLAIN: dict[str, list[tuple[object, str, object]]] = {
     "plain transform (step by step)": [(BatchTransform, "train_gather", _train_gather_plain)],
     "meter hook without cache": [(FlopMeter, "_hook", _hook_plain)],
-    "clip_grad_norm_ per tensor": [(Simulation, "optimizer_step", _step_plain_clip)],
+    "clip: torch's clip_grad_norm_ per tensor": [(Simulation, "optimizer_step", _step_plain_clip)],
     "SGD for-loop (not fused)": [(Simulation, "make_optimizer", _sgd_plain)],
 }
 CANDIDATES: dict[str, list[tuple[object, str, object]]] = {
@@ -721,8 +723,8 @@ def timed_round_variants(arrays: Arrays, cfg: RunConfig, device: torch.device, v
     return best, parts, trained
 
 
-def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> dict:
-    """FedLoRA fp32 training time split into parts, then what each fast path of the engine is worth.
+def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log, variant: str = "fp32") -> dict:
+    """FedLoRA training time (in ``variant``) split into parts, then what each fast path of the engine is worth.
 
     Fraction ``--breakdown-fraction`` of the clients trains, without evaluation (evaluation is compared
     with its own ideal in the main table); ``--breakdown-repeats`` interleaved repeats, fastest kept.
@@ -731,7 +733,7 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> 
     The instrumented variant (timers around the data iterator, hooks, backward, clip, step) runs without
     the prefetch thread, so that the data time is the work done, not the wait.
     """
-    cfg = workload_config(args, "fedlora", "fp32", fraction=args.breakdown_fraction, rounds=10 ** 6,
+    cfg = workload_config(args, "fedlora", variant, fraction=args.breakdown_fraction, rounds=10 ** 6,
                           eval_every=10 ** 6)
     timers = Timers()
     orig_hook, orig_batches = FlopMeter._hook, Simulation.train_batches
@@ -744,7 +746,7 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> 
             timers.s["meter hooks"] = timers.s.get("meter hooks", 0.0) + time.perf_counter() - t0
 
     instrument = [(FlopMeter, "_hook", hook), (Simulation, "train_batches", timed_batches(timers, orig_batches)),
-                  (torch.nn.utils, "clip_grad_norm_", timers.timed(torch.nn.utils.clip_grad_norm_, "clip_grad_norm_")),
+                  (Simulation, "clip_gradients", timers.timed(Simulation.clip_gradients, "gradient clip")),
                   (torch.Tensor, "backward", timers.timed(torch.Tensor.backward, "backward")),
                   (torch.optim.SGD, "step", timers.timed(torch.optim.SGD.step, "SGD.step")),
                   (Simulation, "make_optimizer", timers.timed(Simulation.make_optimizer, "make_optimizer"))]
@@ -770,7 +772,7 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log) -> 
         changes[name] = {"train_s": s_, "ideal_train_s": ideal, "efficiency": ideal / s_, "gain": base_s / s_ - 1}
         log(f"  {name}: {s_:.3f} s ({ideal / s_:.1%} of ideal, engine {base_s / s_ - 1:+.1%} against it)")
     return {"config": {"fraction": cfg.fraction, "repeats": args.breakdown_repeats, "batch_size": cfg.batch_size,
-                       "prefetch": pf, "threads": torch.get_num_threads()},
+                       "prefetch": pf, "threads": torch.get_num_threads(), "variant": variant},
             "train_s": train_s, "ideal_train_s": ideal, "parts_s": parts, "changes": changes}
 
 
@@ -792,11 +794,15 @@ def threading_study(arrays: Arrays, args, device: torch.device, log) -> dict:
     for k, v in best.items():
         log(f"  engine standalone, {k}: {v:.3f} s")
     procs = {}
+    threads0 = torch.get_num_threads()
     if cores > 1:
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
         for arch in ("cnn1", "cnn5"):
-            one = _ceiling_worker(arch, args.batch_size, cores, args.ceiling_time * 4, None)
+            try:
+                one = _ceiling_worker(arch, args.batch_size, cores, args.ceiling_time * 4, None)
+            finally:  # the in-process measurement must not leave its thread count behind
+                torch.set_num_threads(threads0)
             with ctx.Pool(cores) as pool:
                 barrier = ctx.Manager().Barrier(cores)
                 each = pool.starmap(_ceiling_worker, [(arch, args.batch_size, 1, args.ceiling_time * 4, barrier)] * cores)
@@ -955,7 +961,8 @@ def print_report(res: dict, console) -> None:
                                   f"{_fmt(v['acc_variant'], '.4f')})" for k, v in res["vs_fp32"].items()))
     if res.get("breakdown"):
         b = res["breakdown"]
-        console.print(f"Breakdown (FedLoRA fp32, fraction {b['config']['fraction']}, training only; parts timed "
+        console.print(f"Breakdown (FedLoRA {b['config'].get('variant', 'fp32')}, fraction {b['config']['fraction']}, "
+                      f"training only; parts timed "
                       f"without the prefetch thread): "
                       f"{b['train_s']:.3f} s vs ideal {b['ideal_train_s']:.3f} s")
         for k, v in b["parts_s"].items():
@@ -1038,6 +1045,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time the engine with every (threads, prefetch) pair and one process per core "
                         "against threads (bare step)")
     p.add_argument("--breakdown-fraction", type=float, default=0.25)
+    p.add_argument("--breakdown-variant", choices=tuple(VARIANTS),
+                   help="numeric variant of the breakdown (default: fp32cl if run, else fp32)")
     p.add_argument("--breakdown-repeats", type=int, default=3)
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -1061,9 +1070,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def recompute(path: str, ceiling_pass: str, out: str | None, console) -> dict:
+    """Re-derive the ideal, efficiencies and targets of a saved run from one of its ceiling passes."""
+    res = json.loads(Path(path).read_text())
+    if ceiling_pass == "first" and res.get("ceiling_first"):
+        res["ceiling"] = res["ceiling_first"]
+        res.setdefault("notes", []).append("efficiencies from the first ceiling pass only (--recompute --ceiling-pass "
+                                           "first)")
+    recompute_ideal(res)
+    res["targets"] = targets(res)
+    print_report(res, console)
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
 def main(argv=None) -> dict:
     from rich.console import Console
 
+    if argv is None and "--recompute" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--recompute", required=True, help="a JSON file written by this suite")
+        ap.add_argument("--ceiling-pass", choices=("merged", "first"), default="merged")
+        ap.add_argument("--out")
+        a = ap.parse_args()
+        return recompute(a.recompute, a.ceiling_pass, a.out,
+                         Console(highlight=False, width=max(180, shutil.get_terminal_size().columns)))
     args = parse_args(argv)
     console = Console(highlight=False, width=max(180, shutil.get_terminal_size().columns))
 
@@ -1124,12 +1156,16 @@ def main(argv=None) -> dict:
             log(f"{label} {v}")
             res["engine"].append(run_engine(arrays, cfg, device, ceil_m[v], log, label))
     if not args.no_standalone:
-        log("engine standalone fp32 (same work as the reference loop)")
-        res["engine"].append(run_engine(arrays, workload_config(args, "standalone", "fp32"), device, ceil_m["fp32"],
-                                        log, "engine standalone (= reference work)"))
+        for v in variants:
+            if v.startswith("bf16"):
+                continue
+            log(f"engine standalone {v} (same work as the reference loop)")
+            res["engine"].append(run_engine(arrays, workload_config(args, "standalone", v), device, ceil_m[v],
+                                            log, "engine standalone (= reference work)"))
     if args.breakdown:
-        log("breakdown of the engine's training time (FedLoRA fp32)")
-        res["breakdown"] = breakdown(arrays, args, device, ceil_m["fp32"], log)
+        bv = args.breakdown_variant or ("fp32cl" if "fp32cl" in variants else "fp32")
+        log(f"breakdown of the engine's training time (FedLoRA {bv})")
+        res["breakdown"] = breakdown(arrays, args, device, ceil_m[bv], log, bv)
     if args.batched_study:
         log("batched clients (torch.func) against one by one")
         res["batched_study"] = {v: batched_clients_study(device, args.batch_size, args.batched_k, v, args.ceiling_time,
@@ -1137,6 +1173,8 @@ def main(argv=None) -> dict:
     if args.threads_study:
         log("threads and processes")
         res["threads_study"] = threading_study(arrays, args, device, log)
+    if torch.get_num_threads() != threads:
+        raise RuntimeError(f"a study left torch at {torch.get_num_threads()} threads, not {threads}")
     if args.ceiling_passes > 1:
         log("ceiling again (the faster of the two is kept)")
         res["ceiling_first"] = res["ceiling"]
