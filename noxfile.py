@@ -46,7 +46,7 @@ def bench(session):
     """Speed suite on real CIFAR-10 (ceiling, reference loop, engine at batch 64 with the breakdown and the
     threads and batched-clients studies, then batch 10), then the scale benchmark. One intra-op thread per
     process (the dev machine's rule; pass e.g. `-- --threads 2` to change). Writes JSON and logs to
-    benchmarks/results/ (about 90 minutes on the 2-core dev machine). Needs FEDBENCH_DATA_DIR."""
+    benchmarks/results/ (about 45 minutes on the 2-core dev machine). Needs FEDBENCH_DATA_DIR."""
     out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     args = ["--threads", "1", *session.posargs]
