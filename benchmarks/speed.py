@@ -593,29 +593,9 @@ def timed_batches(timers: Timers, orig):
 # The engine's fast paths, each undone by monkeypatching (fedbench itself is not edited): the breakdown
 # measures what each one is worth on this device, so that every choice in the engine is a measured one.
 
-def _hook_plain(self, m, inputs, output):
-    """FlopMeter._hook without the (module, input shape) cache: the cost key is rebuilt on every call."""
-    if self._scope is None or self._tracing or not inputs or not isinstance(inputs[0], torch.Tensor):
-        return
-    x = inputs[0]
-    fwd = self._per_sample(m, x) * x.shape[0]
-    total = fwd
-    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-        if any(p.requires_grad for p in m.parameters(recurse=False)):
-            total += fwd
-        if x.requires_grad:
-            total += fwd
-    self.macs[(self._scope, self._kind)] += total
-
-
-def _step_plain_clip(self, opt, loss):
-    """Simulation.optimizer_step with the per-tensor (not foreach) gradient-norm clip."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if self.cfg.clip > 0:
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.clip, foreach=False)
-    opt.step()
+def _clip_plain(self, params):
+    """Simulation.clip_gradients as torch's clip_grad_norm_ per tensor (no foreach, multiply always)."""
+    torch.nn.utils.clip_grad_norm_(params, self.cfg.clip, foreach=False)
 
 
 def _train_gather_plain(self, images, idx, mode, g, pad=4):
@@ -623,35 +603,24 @@ def _train_gather_plain(self, images, idx, mode, g, pad=4):
     return self.train(images[idx], mode, g)
 
 
-def _sgd_plain(self, params, lr=None):
-    """Simulation.make_optimizer with torch's default SGD (a for-loop over tensors on the CPU)."""
-    cfg = self.cfg
-    return torch.optim.SGD(list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
-
-
-def _sgd_foreach(self, params, lr=None):
-    cfg = self.cfg
-    return torch.optim.SGD(list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, foreach=True)
-
-
-def _compute_no_autocast_cache(self):
-    """Simulation.compute with autocast's weight cache off (the engine's behaviour since the fix; kept
-    for --fix-autocast-cache on older trees)."""
-    if self.cfg.precision == "bf16":
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
+def _sgd(**impl):
+    """Simulation.make_optimizer with another torch SGD implementation (``impl``: foreach=..., fused=...)."""
+    def make_optimizer(self, params, lr=None):
+        cfg = self.cfg
+        return torch.optim.SGD(list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, **impl)
+    return make_optimizer
 
 
 PLAIN: dict[str, list[tuple[object, str, object]]] = {
     "plain transform (step by step)": [(BatchTransform, "train_gather", _train_gather_plain)],
-    "meter hook without cache": [(FlopMeter, "_hook", _hook_plain)],
-    "clip: torch's clip_grad_norm_ per tensor": [(Simulation, "optimizer_step", _step_plain_clip)],
-    "SGD for-loop (not fused)": [(Simulation, "make_optimizer", _sgd_plain)],
+    # every call rebuilds the structural key and looks it up, as before the per-call cache
+    "meter hook without cache": [(FlopMeter, "_per_sample", FlopMeter._traced_cost)],
+    "clip: torch's clip_grad_norm_ per tensor": [(Simulation, "clip_gradients", _clip_plain)],
+    "SGD for-loop (not fused)": [(Simulation, "make_optimizer", _sgd(foreach=False))],
 }
 CANDIDATES: dict[str, list[tuple[object, str, object]]] = {
-    "candidate: SGD(foreach=True) instead of fused": [(Simulation, "make_optimizer", _sgd_foreach)],
+    "candidate: SGD(foreach=True) instead of fused": [(Simulation, "make_optimizer", _sgd(foreach=True))],
 }
 
 
@@ -1031,9 +1000,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ceiling-repeats", type=int, help="ceiling windows, best kept (default 3; --quick 1)")
     p.add_argument("--ceiling-passes", type=int, help="measure the ceiling before (and after) the runs, keep the "
                                                       "faster (default 2; --quick 1)")
-    p.add_argument("--fix-autocast-cache", action="store_true",
-                   help="run the engine with Simulation.compute patched to autocast(cache_enabled=False) "
-                        "(bf16 correctness fix, see the README)")
     p.add_argument("--breakdown", action="store_true", help="also split the engine's time and measure candidate "
                                                             "engine changes (FedLoRA fp32)")
     p.add_argument("--breakdown-only", action="store_true", help="the ceiling and the breakdown, no other run")
@@ -1049,6 +1015,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="numeric variant of the breakdown (default: fp32cl if run, else fp32)")
     p.add_argument("--breakdown-repeats", type=int, default=3)
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--recompute", metavar="JSON", help="no run: re-derive ideal, efficiencies and targets of a "
+                                                        "JSON this suite wrote (from --ceiling-pass), print, --out")
+    p.add_argument("--ceiling-pass", choices=("merged", "first"), default="merged")
     args = p.parse_args(argv)
     q = args.quick
     args.rounds = args.rounds or (2 if q else 5)
@@ -1088,15 +1057,10 @@ def recompute(path: str, ceiling_pass: str, out: str | None, console) -> dict:
 def main(argv=None) -> dict:
     from rich.console import Console
 
-    if argv is None and "--recompute" in sys.argv:
-        ap = argparse.ArgumentParser()
-        ap.add_argument("--recompute", required=True, help="a JSON file written by this suite")
-        ap.add_argument("--ceiling-pass", choices=("merged", "first"), default="merged")
-        ap.add_argument("--out")
-        a = ap.parse_args()
-        return recompute(a.recompute, a.ceiling_pass, a.out,
-                         Console(highlight=False, width=max(180, shutil.get_terminal_size().columns)))
     args = parse_args(argv)
+    if args.recompute:
+        return recompute(args.recompute, args.ceiling_pass, args.out,
+                         Console(highlight=False, width=max(180, shutil.get_terminal_size().columns)))
     console = Console(highlight=False, width=max(180, shutil.get_terminal_size().columns))
 
     def log(msg: str) -> None:
@@ -1114,11 +1078,7 @@ def main(argv=None) -> dict:
     # --eval-batch-size): the ceiling's forward is measured at that size
     sizes = build_federated_data(arrays, base, torch.device("cpu")).sizes("test")
     eval_batch = int(min(base.eval_batch_size, max(1, np.median(sizes))))
-    if args.fix_autocast_cache:
-        Simulation.compute = _compute_no_autocast_cache
     res: dict = {"machine": machine, "args": vars(args),
-                 "engine_patches": ["Simulation.compute: autocast(cache_enabled=False)"] if args.fix_autocast_cache
-                 else [],
                  "workload": {k: getattr(base, k) for k in ("dataset", "clients", "fraction", "rounds", "epochs",
                                                             "batch_size", "partition", "classes_per_client",
                                                             "models", "augment", "clip", "lr", "momentum",

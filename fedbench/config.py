@@ -151,6 +151,13 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     return cfg
 
 
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a stored ``to_dict()`` (as in the results store or a sweep worker's --config)."""
+    d = dict(d)
+    mp = d.pop("method_params", {})
+    return make_config({**d, **mp})
+
+
 def config_to_cli(cfg: RunConfig) -> str:
     """The `fedbench run` command that reproduces ``cfg`` exactly, on any device: non-default options,
     and the device-dependent ones (DEVICE_DEFAULT_FIELDS) always."""

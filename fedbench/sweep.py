@@ -213,9 +213,10 @@ def plan(sweep: Sweep, store, data_dir) -> list[Job]:
 
 def _spawn(job: Job, results: Path, data_dir, device: str, sweep_name: str, threads: int, log_dir: Path,
            prefetch: str = "auto") -> None:
+    from fedbench.engine.simulation import PREFETCH_ENV
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("FEDBENCH_PREFETCH", prefetch)
+    env.setdefault(PREFETCH_ENV, prefetch)
     env["PYTHONWARNINGS"] = "ignore"
     cmd = [sys.executable, "-m", "fedbench.worker", "--config", job.cfg.canonical_json(), "--results", str(results),
            "--device", device, "--sweep", sweep_name, "--threads", str(threads)]

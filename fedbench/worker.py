@@ -8,10 +8,8 @@ import sys
 
 
 def config_from_json(text: str):
-    from fedbench.config import make_config
-    d = json.loads(text)
-    mp = d.pop("method_params", {})
-    return make_config({**d, **mp})
+    from fedbench.config import config_from_dict
+    return config_from_dict(json.loads(text))
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,7 @@ class BatchTransform:
         self.inv_std = 1.0 / (torch.tensor(std, device=device, dtype=dtype) * 255.0)
         self.dtype = dtype
         self.channels_last = channels_last
+        self._grid: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (H, W, C) -> aranges, built once
 
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> normalised float NHWC."""
@@ -38,12 +39,20 @@ class BatchTransform:
         x = x.permute(0, 3, 1, 2)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
-    def eval(self, x_u8: torch.Tensor) -> torch.Tensor:
-        """``to_nchw(normalize(x_u8))``, bit for bit, with the per-channel ops run over NCHW planes."""
-        C = x_u8.shape[-1]
-        x = x_u8.permute(0, 3, 1, 2).to(self.dtype, memory_format=torch.contiguous_format)
+    def _planes(self, x_u8_nchw: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise a uint8 NCHW tensor over whole planes (an NHWC loop over C = 3 vectorises badly),
+        zero the ``drop`` pixels (n, H, W), and give it the configured layout (one copy if channels-last).
+        The same float ops in the same order as ``normalize``: bit-identical."""
+        C = x_u8_nchw.shape[1]
+        x = x_u8_nchw.to(self.dtype, memory_format=torch.contiguous_format)
         x.sub_(self.mean.view(1, C, 1, 1)).mul_(self.inv_std.view(1, C, 1, 1))
+        if drop is not None:
+            x.masked_fill_(drop[:, None], 0.0)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def eval(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """``to_nchw(normalize(x_u8))``, bit for bit."""
+        return self._planes(x_u8.permute(0, 3, 1, 2))
 
     def train(self, x_u8: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tensor:
         """The plain path: normalise, flip, erase, pad and crop, step by step."""
@@ -65,15 +74,20 @@ class BatchTransform:
         if mode == "none":
             return self.eval(images[idx])
         n = idx.shape[0]
-        N, H, W, C = images.shape
+        _, H, W, C = images.shape
         dev = images.device
+        grid = self._grid.get((H, W, C))
+        if grid is None:
+            grid = self._grid[(H, W, C)] = (torch.arange(H, device=dev), torch.arange(W, device=dev),
+                                            torch.arange(C, device=dev).view(1, C, 1, 1))
+        ar_h, ar_w, ar_c = grid
         flip = _rand(n, g, dev) < 0.5  # the draws of hflip, random_erase, random_crop, in their order
         if mode == "spec":
             top, left, h, w, do = _erase_box(n, H, W, g, dev)
         oy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=dev)
         ox = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=dev)
-        rows = oy[:, None] - pad + torch.arange(H, device=dev)  # (n, H) rows of the flipped image
-        cols = ox[:, None] - pad + torch.arange(W, device=dev)  # (n, W)
+        rows = oy[:, None] - pad + ar_h  # (n, H) rows of the flipped image
+        cols = ox[:, None] - pad + ar_w  # (n, W)
         out_r, out_c = (rows < 0) | (rows >= H), (cols < 0) | (cols >= W)
         drop = out_r[:, :, None] | out_c[:, None, :]  # (n, H, W): padding, or erased below
         if mode == "spec":
@@ -83,11 +97,7 @@ class BatchTransform:
         src_c = torch.where(flip[:, None], W - 1 - cols, cols).clamp_(0, W - 1)
         src_r = rows.clamp_(0, H - 1)
         pix = idx[:, None, None] * (H * W * C) + src_r[:, :, None] * (W * C) + src_c[:, None, :] * C  # (n, H, W)
-        # gathered in NCHW order: per-channel ops then run over whole planes (an NHWC loop over C = 3
-        # vectorises badly); channels-last is one copy at the end
-        x = torch.take(images, pix[:, None] + torch.arange(C, device=dev).view(1, C, 1, 1)).to(self.dtype)
-        x.sub_(self.mean.view(1, C, 1, 1)).mul_(self.inv_std.view(1, C, 1, 1)).masked_fill_(drop[:, None], 0.0)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return self._planes(torch.take(images, pix[:, None] + ar_c), drop)  # gathered in NCHW order
 
 
 def _rand(n, g, device):

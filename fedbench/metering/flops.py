@@ -52,8 +52,8 @@ class FlopMeter:
         self._scope = None
         self._kind = None
         self._tracing = False
-        self._cost: dict[tuple, int] = {}
-        self._by_call: dict[tuple, int] = {}  # (id(module), input shape) -> cost; modules are attached for life
+        self._cost: dict[tuple, int] = {}     # structural key -> cost (one fvcore trace per layer kind)
+        self._by_call: dict[tuple, int] = {}  # (id(module), input shape) -> cost: the per-call lookup
         self._attached: dict[int, nn.Module] = {}  # held, so that an id is never reused while cached
 
     def attach(self, module: nn.Module) -> None:
@@ -65,6 +65,15 @@ class FlopMeter:
                 self._attached[id(m)] = m
 
     def _per_sample(self, m: nn.Module, x: torch.Tensor) -> int:
+        """MACs per sample of one call of leaf ``m`` on inputs shaped like ``x``."""
+        call = (id(m), x.shape[1:])
+        cost = self._by_call.get(call)
+        if cost is None:
+            cost = self._by_call[call] = self._traced_cost(m, x)
+        return cost
+
+    def _traced_cost(self, m: nn.Module, x: torch.Tensor) -> int:
+        """The fvcore count, traced once per structurally identical layer and input shape."""
         key = (type(m), tuple(p.shape for p in m.parameters(recurse=False)), tuple(x.shape[1:]),
                getattr(m, "stride", None), getattr(m, "padding", None), getattr(m, "groups", None))
         cost = self._cost.get(key)
@@ -81,14 +90,10 @@ class FlopMeter:
         if self._scope is None or self._tracing or not inputs or not isinstance(inputs[0], torch.Tensor):
             return
         x = inputs[0]
-        key = (id(m), x.shape[1:])  # fast path: a module's cost per sample for an input shape never changes
-        per = self._by_call.get(key)
-        if per is None:
-            per = self._by_call[key] = self._per_sample(m, x)
-        fwd = per * x.shape[0]
+        fwd = self._per_sample(m, x) * x.shape[0]
         total = fwd
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-            if any(p.requires_grad for p in m._parameters.values() if p is not None):
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
                 total += fwd
             if x.requires_grad:
                 total += fwd

@@ -39,12 +39,11 @@ def statistic(series: np.ndarray, stat: str) -> float:
 def _reproduce(cfg: dict, recorded: str) -> str:
     """The `fedbench run` command that reproduces a stored config on any device (device-dependent
     options spelled out); the recorded invocation where the config cannot be rebuilt (method gone)."""
-    from fedbench.config import config_to_cli, make_config
+    from fedbench.config import config_from_dict, config_to_cli
     from fedbench.errors import ConfigError
     try:
-        return config_to_cli(make_config({**{k: v for k, v in cfg.items() if k != "method_params"},
-                                          **cfg["method_params"]}))
-    except (ConfigError, KeyError, TypeError):
+        return config_to_cli(config_from_dict(cfg))
+    except ConfigError:
         return recorded
 
 
