@@ -45,9 +45,10 @@ derived as 2x forward).
 
 Optional studies, each deciding an engine choice on the device it runs on:
 * ``--breakdown``: FedLoRA training (``--breakdown-variant``: fp32cl where it runs, the CPU default) split
-  into parts (data, hooks, backward, clip, step, rest), and
-  the engine with each fast path undone (one-gather transform, cached meter hook, foreach clip, prefetch
-  thread) and with candidate changes not taken (SGD foreach);
+  into parts (data, meter, backward, clip, step, rest), and
+  the engine with each fast path undone (one-gather transform, cached meter count, meter by wrapped
+  forwards, foreach clip, prefetch thread), with candidate changes not taken (SGD foreach), and without the
+  protocol's gradient clip (a diagnostic: what the clip costs against the bare ceiling);
 * ``--threads-study``: the engine with every (intra-op threads, prefetch thread) pair, and one process
   per core against threads on the bare step;
 * ``--batched-study``: k same-architecture clients trained together with torch.func (vmap over stacked
@@ -603,6 +604,18 @@ def _train_gather_plain(self, images, idx, mode, g, pad=4):
     return self.train(images[idx], mode, g)
 
 
+def _attach_hooks(self, module):
+    """FlopMeter.attach with torch forward hooks on the leaves instead of wrapped forwards."""
+    for m in module.modules():
+        if id(m) not in self._attached and next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_hook(self._hook)
+            self._attached[id(m)] = m
+
+
+def _no_clip(self, params):
+    """No gradient clip at all: not the protocol, only what its clip costs."""
+
+
 def _sgd(**impl):
     """Simulation.make_optimizer with another torch SGD implementation (``impl``: foreach=..., fused=...)."""
     def make_optimizer(self, params, lr=None):
@@ -616,11 +629,15 @@ PLAIN: dict[str, list[tuple[object, str, object]]] = {
     "plain transform (step by step)": [(BatchTransform, "train_gather", _train_gather_plain)],
     # every call rebuilds the structural key and looks it up, as before the per-call cache
     "meter hook without cache": [(FlopMeter, "_per_sample", FlopMeter._traced_cost)],
+    "meter as torch forward hooks (not wrapped forwards)": [(FlopMeter, "attach", _attach_hooks)],
     "clip: torch's clip_grad_norm_ per tensor": [(Simulation, "clip_gradients", _clip_plain)],
     "SGD for-loop (not fused)": [(Simulation, "make_optimizer", _sgd(foreach=False))],
 }
 CANDIDATES: dict[str, list[tuple[object, str, object]]] = {
     "candidate: SGD(foreach=True) instead of fused": [(Simulation, "make_optimizer", _sgd(foreach=True))],
+    # not a candidate (it changes the algorithm): what the protocol's gradient clip costs, which the bare
+    # ceiling does not pay
+    "diagnostic: no gradient clip (changes the algorithm)": [(Simulation, "clip_gradients", _no_clip)],
 }
 
 
@@ -698,8 +715,9 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log, var
     Fraction ``--breakdown-fraction`` of the clients trains, without evaluation (evaluation is compared
     with its own ideal in the main table); ``--breakdown-repeats`` interleaved repeats, fastest kept.
     Variants: the engine as is; the engine with one fast path undone (plain transform, uncached meter
-    hook, per-tensor clip, no prefetch thread); all undone (the plain engine); candidates not taken.
-    The instrumented variant (timers around the data iterator, hooks, backward, clip, step) runs without
+    count, meter by torch hooks, per-tensor clip, no prefetch thread); all undone (the plain engine);
+    candidates not taken; no clip (diagnostic).
+    The instrumented variant (timers around the data iterator, meter, backward, clip, step) runs without
     the prefetch thread, so that the data time is the work done, not the wait.
     """
     cfg = workload_config(args, "fedlora", variant, fraction=args.breakdown_fraction, rounds=10 ** 6,
@@ -712,7 +730,7 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log, var
         try:
             return orig_hook(self, *a, **kw)
         finally:
-            timers.s["meter hooks"] = timers.s.get("meter hooks", 0.0) + time.perf_counter() - t0
+            timers.s["meter counting"] = timers.s.get("meter counting", 0.0) + time.perf_counter() - t0
 
     instrument = [(FlopMeter, "_hook", hook), (Simulation, "train_batches", timed_batches(timers, orig_batches)),
                   (Simulation, "clip_gradients", timers.timed(Simulation.clip_gradients, "gradient clip")),

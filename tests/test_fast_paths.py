@@ -314,18 +314,32 @@ def test_prefetch_env_override(monkeypatch):
     assert default_prefetch(cpu, threads=1, cores=4)
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0, float("nan")])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0, float("nan"), "just-below", "just-above"])
 def test_engine_clip_is_torch_clip_bit_for_bit(scale):
     """The engine's clip skips the multiply by exactly 1.0 on the CPU; the gradients are those of
-    torch.nn.utils.clip_grad_norm_ below, around and above the threshold, and with a NaN."""
+    torch.nn.utils.clip_grad_norm_ below, around and above the threshold (down to the last bit of the
+    total norm), and with a NaN."""
     sim = make_sim(small_config(method="standalone", clip=5.0))
     g = torch.Generator().manual_seed(0)
-    shapes = ((16, 3, 5, 5), (10, 50), (10,))
+    shapes = ((16, 3, 5, 5), (300, 400), (10, 50), (10,))
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    if isinstance(scale, str):  # the largest scale at which torch leaves the gradients alone, or the next one
+        total = torch.nn.utils.get_total_norm(grads, 2.0, False, True)
+        steps = [float(5.0 / total) * (1 + n * 1e-7) for n in range(-40, 41)]
+
+        def clamped(f):  # torch's coefficient max_norm / (total + 1e-6) reaches its clamp at 1
+            return float(5.0 / (torch.nn.utils.get_total_norm([gr * f for gr in grads], 2.0, False, True) + 1e-6)) >= 1
+        below = max(i for i, f in enumerate(steps) if clamped(f))
+        assert not clamped(steps[below + 1])
+        f = steps[below] if scale == "just-below" else steps[below + 1]
+        grads = [gr * f for gr in grads]
+    else:
+        grads = [gr * scale for gr in grads]
     ours = [torch.zeros(s, requires_grad=True) for s in shapes]
     theirs = [torch.zeros(s, requires_grad=True) for s in shapes]
-    for a, b in zip(ours, theirs, strict=True):
-        a.grad = torch.randn(a.shape, generator=g) * scale
-        b.grad = a.grad.clone()
+    for a, b, gr in zip(ours, theirs, grads, strict=True):
+        a.grad = gr.clone()
+        b.grad = gr.clone()
     sim.clip_gradients(ours)
     torch.nn.utils.clip_grad_norm_(theirs, 5.0, foreach=True)
     for a, b in zip(ours, theirs, strict=True):

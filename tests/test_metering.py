@@ -61,3 +61,24 @@ def test_frozen_model_counts_forward_only():
     with meter.scope("c", "train"), torch.no_grad():
         m(torch.randn(2, 3, 32, 32))
     assert meter.take()[("c", "train")] == pytest.approx(2 * FWD_MACS[4], rel=0.01)
+
+
+def test_deep_copy_of_metered_module_runs_and_counts_as_itself():
+    import copy
+
+    m = cnn_spec("cnn5", 10).build()
+    meter = FlopMeter()
+    meter.attach(m)
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        twin.fc3.weight.zero_()
+        twin.fc3.bias.zero_()
+        x = torch.randn(3, 3, 32, 32)
+        with meter.scope("orig", "eval"):
+            y = m(x)[0]
+        with meter.scope("twin", "eval"):
+            y_twin = m(x)[0] * 0 + twin(x)[0]
+    assert torch.count_nonzero(y) > 0 and torch.count_nonzero(y_twin) == 0  # the copy used its own weights
+    macs = meter.take()
+    assert macs[("twin", "eval")] == 2 * macs[("orig", "eval")]  # m (once more) and the copy, both metered
+    assert twin.fc3.forward.module is twin.fc3 and m.fc3.forward.module is m.fc3

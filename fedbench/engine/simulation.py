@@ -247,7 +247,13 @@ class Simulation:
         if self.device.type != "cpu":
             torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
             return
-        total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, False, True)
+        grads = [p.grad for p in params]
+        if not grads:
+            return
+        if all(g.dtype == grads[0].dtype for g in grads):  # one group: torch's get_total_norm, minus its
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)  # bookkeeping
+        else:
+            total = torch.nn.utils.get_total_norm(grads, 2.0, False, True)
         if not float(max_norm / (total + 1e-6)) >= 1.0:  # torch's coefficient is below its clamp, or NaN
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
 
