@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from fedbench.config import RunConfig, make_config
 from fedbench.data.sources import Arrays, content_digest, load_dataset
 from fedbench.data.transforms import BatchTransform
+from fedbench.engine.allocator import tune_host_allocator
 from fedbench.engine.data import build_federated_data
 from fedbench.engine.simulation import Simulation, available_cores, default_prefetch, resolve_device
 from fedbench.metering.flops import FlopMeter
@@ -126,6 +127,9 @@ def machine_info(device: torch.device, threads: int) -> dict:
         "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "loadavg_start": list(os.getloadavg()),
+        # the engine's host-allocator setting, applied before anything runs, so that the ceiling, the
+        # reference loop and the engine share it (fedbench/engine/allocator.py)
+        "host_allocator": tune_host_allocator() if device.type == "cpu" else None,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

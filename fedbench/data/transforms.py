@@ -29,6 +29,7 @@ class BatchTransform:
         self.dtype = dtype
         self.channels_last = channels_last
         self._grid: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (H, W, C) -> aranges, built once
+        self._tiles: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (H, W, C) -> mean, 1/std tiled to H*W*C
 
     def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> normalised float NHWC."""
@@ -52,7 +53,21 @@ class BatchTransform:
 
     def eval(self, x_u8: torch.Tensor) -> torch.Tensor:
         """``to_nchw(normalize(x_u8))``, bit for bit."""
+        if self.channels_last:
+            return self._nhwc_rows(x_u8)
         return self._planes(x_u8.permute(0, 3, 1, 2))
+
+    def _nhwc_rows(self, x_u8_nhwc: torch.Tensor) -> torch.Tensor:
+        """Normalise uint8 NHWC images as rows of H*W*C values against the per-channel constants tiled
+        to that length (long vectorised loops, no transpose); the NHWC result, seen as NCHW, already is
+        channels-last. The same float ops as ``normalize``: bit-identical."""
+        n, H, W, C = x_u8_nhwc.shape
+        tiles = self._tiles.get((H, W, C))
+        if tiles is None:
+            tiles = self._tiles[(H, W, C)] = (self.mean.repeat(H * W), self.inv_std.repeat(H * W))
+        x = x_u8_nhwc.reshape(n, H * W * C).to(self.dtype)
+        x.sub_(tiles[0]).mul_(tiles[1])
+        return x.view(n, H, W, C).permute(0, 3, 1, 2)
 
     def train(self, x_u8: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tensor:
         """The plain path: normalise, flip, erase, pad and crop, step by step."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fedbench.config import RunConfig, method_params_obj
+from fedbench.engine.allocator import tune_host_allocator
 from fedbench.engine.data import FederatedData
 from fedbench.metering.comm import payload_bytes
 from fedbench.metering.flops import FlopMeter
@@ -106,6 +107,8 @@ class Simulation:
         self.cfg = cfg
         self.data = data
         self.device = device
+        if device.type == "cpu":
+            tune_host_allocator()  # process-wide, changes no result (see engine/allocator.py)
         # prepare the next training batch in a helper thread (None: where it pays, see default_prefetch)
         self.prefetch = default_prefetch(device) if prefetch is None else prefetch
         self._pool: ThreadPoolExecutor | None = None
