@@ -28,6 +28,7 @@ def child(args) -> dict:
 
     sys.path.insert(0, str(HERE))
     import speed
+
     from fedbench.data.sources import load_dataset
     from fedbench.engine.data import build_federated_data
     from fedbench.engine.simulation import Simulation

@@ -608,12 +608,9 @@ def _train_gather_plain(self, images, idx, mode, g, pad=4):
     return self.train(images[idx], mode, g)
 
 
-def _attach_hooks(self, module):
-    """FlopMeter.attach with torch forward hooks on the leaves instead of wrapped forwards."""
-    for m in module.modules():
-        if id(m) not in self._attached and next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
-            m.register_forward_hook(self._hook)
-            self._attached[id(m)] = m
+def _hook_leaf(self, m):
+    """FlopMeter._meter_leaf with a torch forward hook instead of a wrapped forward."""
+    m.register_forward_hook(self._hook)
 
 
 def _no_clip(self, params):
@@ -633,7 +630,7 @@ PLAIN: dict[str, list[tuple[object, str, object]]] = {
     "plain transform (step by step)": [(BatchTransform, "train_gather", _train_gather_plain)],
     # every call rebuilds the structural key and looks it up, as before the per-call cache
     "meter hook without cache": [(FlopMeter, "_per_sample", FlopMeter._traced_cost)],
-    "meter as torch forward hooks (not wrapped forwards)": [(FlopMeter, "attach", _attach_hooks)],
+    "meter as torch forward hooks (not wrapped forwards)": [(FlopMeter, "_meter_leaf", _hook_leaf)],
     "clip: torch's clip_grad_norm_ per tensor": [(Simulation, "clip_gradients", _clip_plain)],
     "SGD for-loop (not fused)": [(Simulation, "make_optimizer", _sgd(foreach=False))],
 }

@@ -65,8 +65,11 @@ class FlopMeter:
             if id(m) in self._attached:
                 continue
             if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
-                m.forward = _Metered(self, m, m.forward)
+                self._meter_leaf(m)
                 self._attached[id(m)] = m
+
+    def _meter_leaf(self, m: nn.Module) -> None:
+        m.forward = _Metered(self, m, m.forward)
 
     def _per_sample(self, m: nn.Module, x: torch.Tensor) -> int:
         """MACs per sample of one call of leaf ``m`` on inputs shaped like ``x``."""
