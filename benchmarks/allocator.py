@@ -30,6 +30,7 @@ def child(args) -> dict:
     import speed
 
     from fedbench.data.sources import load_dataset
+    from fedbench.engine.allocator import tune_host_allocator
     from fedbench.engine.data import build_federated_data
     from fedbench.engine.simulation import Simulation
 
@@ -49,8 +50,7 @@ def child(args) -> dict:
         if best is None or r.train_s < best["train_s"]:
             best = {"train_s": r.train_s, "minor_faults": faults}
     sim.close()
-    from fedbench.engine.allocator import _applied
-    best["applied"] = _applied
+    best["applied"] = tune_host_allocator()  # idempotent: what this process runs with (None: glibc's defaults)
     best["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return best
 

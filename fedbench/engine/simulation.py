@@ -253,8 +253,9 @@ class Simulation:
         grads = [p.grad for p in params]
         if not grads:
             return
-        if all(g.dtype == grads[0].dtype for g in grads):  # one group: torch's get_total_norm, minus its
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)  # bookkeeping
+        # one dtype (so one group): what torch's get_total_norm computes, without its grouping bookkeeping
+        if all(g.dtype == grads[0].dtype for g in grads):
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
         else:
             total = torch.nn.utils.get_total_norm(grads, 2.0, False, True)
         if not float(max_norm / (total + 1e-6)) >= 1.0:  # torch's coefficient is below its clamp, or NaN
