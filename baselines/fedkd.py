@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
+from fedbench.metering.algebra import svd_macs
 from fedbench.methods.base import Method, mean, snapshot
 from fedbench.models.cnn import CNN_WIDTHS, REP_DIM, cnn_spec, linear_spec
 
@@ -87,17 +88,6 @@ def fedkd_losses(logits_t: torch.Tensor, h_t: torch.Tensor, logits_s: torch.Tens
 
 
 # --- truncated-SVD compression -------------------------------------------------------------------------
-
-def svd_macs(m: int, n: int) -> int:
-    """Multiply-adds of a thin SVD (U_p, S, V) of an m x n matrix, p = min(m, n), q = max(m, n).
-
-    Golub & Van Loan (Matrix Computations, 4th ed., Fig. 8.6.1): Golub-Reinsch 14 q p^2 + 8 p^3 flops,
-    R-SVD 6 q p^2 + 20 p^3 flops; we take the cheaper. One multiply-add = 2 flops in fedbench's meter,
-    hence half of that.
-    """
-    p, q = min(m, n), max(m, n)
-    return min(14 * q * p * p + 8 * p ** 3, 6 * q * p * p + 20 * p ** 3) // 2
-
 
 def energy_rank(s: torch.Tensor, energy: float) -> int:
     """Smallest r with sum_{i<=r} s_i^2 >= energy * sum_i s_i^2 (s descending); 0 for a zero matrix."""

@@ -13,7 +13,7 @@ dataset (seeded subset) and the work of a round grows with the clients sampled (
 configuration: median s/round over rounds 2..R, training and evaluation seconds, and linear fits
 train_s ~ sampled clients, eval_s ~ N and wall ~ sampled + N with R^2.
 
-Memory: the bytes of every client tensor the engine holds (``Simulation._state``, distinct storages)
+Memory: the bytes of every client tensor the engine holds (``Simulation.state.tensors``, distinct storages)
 against the raw bytes of the parameters and buffers of the modules each client owns (built from their
 specs; the engine re-creates SGD every round, so no optimizer state is kept across rounds: live
 optimizer state is counted as well and should be 0), after round 1 and after round R, and the process
@@ -69,12 +69,12 @@ def live_optimizer_state_bytes() -> int:
 def client_state_bytes(sim: Simulation) -> dict:
     """Client state the engine holds vs the raw parameter (and buffer) bytes of the clients' modules.
 
-    ``held_bytes``: distinct storages of all tensors in ``sim._state`` under client keys.
+    ``held_bytes``: distinct storages of all tensors in ``sim.state.tensors`` under client keys.
     ``raw_param_bytes``: sum over clients, over the modules a client owns (``client.specs``), of the
     parameters and buffers of a freshly built module (numel x element size).
     """
-    held, n = _storage_bytes(t for key, ts in sim._state.items() if key[0] == "client" for t in ts)
-    server, _ = _storage_bytes(t for key, ts in sim._state.items() if key[0] != "client" for t in ts)
+    held, n = _storage_bytes(t for key, ts in sim.state.tensors.items() if key[0] == "client" for t in ts)
+    server, _ = _storage_bytes(t for key, ts in sim.state.tensors.items() if key[0] != "client" for t in ts)
     cache: dict = {}
     raw = 0
     for c in sim.clients:
@@ -83,7 +83,7 @@ def client_state_bytes(sim: Simulation) -> dict:
                 m = spec.build()
                 cache[spec] = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
             raw += cache[spec]
-    workspace = sum(t.numel() * t.element_size() for ws in sim._workspace.values()
+    workspace = sum(t.numel() * t.element_size() for ws in sim.state.workspace.values()
                     for t in (*ws.parameters(), *ws.buffers()))  # bound to client/server storage (not extra)
     return {"held_bytes": held, "raw_param_bytes": raw, "ratio": held / raw if raw else None, "tensors": n,
             "server_bytes": server, "workspace_view_bytes": workspace}

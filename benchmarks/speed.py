@@ -81,8 +81,10 @@ from fedbench.config import RunConfig, make_config
 from fedbench.data.sources import Arrays, content_digest, load_dataset
 from fedbench.data.transforms import BatchTransform
 from fedbench.engine.allocator import tune_host_allocator
+from fedbench.engine.batches import BatchSource, available_cores, default_prefetch
 from fedbench.engine.data import build_federated_data
-from fedbench.engine.simulation import Simulation, available_cores, default_prefetch, resolve_device
+from fedbench.engine.optim import LocalOptimizer
+from fedbench.engine.simulation import Simulation, resolve_device
 from fedbench.metering.flops import FlopMeter
 from fedbench.models.cnn import CNN_WIDTHS, cnn_spec, model_assignment
 from fedbench.seeding import numpy_rng
@@ -578,7 +580,7 @@ class Timers:
 
 
 def timed_batches(timers: Timers, orig):
-    """Simulation.train_batches with the time spent producing each batch (gather + augmentation)."""
+    """BatchSource.train_batches with the time spent producing each batch (gather + augmentation)."""
 
     def train_batches(self, *a, **kw):
         it = orig(self, *a, **kw)
@@ -599,7 +601,7 @@ def timed_batches(timers: Timers, orig):
 # measures what each one is worth on this device, so that every choice in the engine is a measured one.
 
 def _clip_plain(self, params):
-    """Simulation.clip_gradients as torch's clip_grad_norm_ per tensor (no foreach, multiply always)."""
+    """LocalOptimizer.clip_gradients as torch's clip_grad_norm_ per tensor (no foreach, multiply always)."""
     torch.nn.utils.clip_grad_norm_(params, self.cfg.clip, foreach=False)
 
 
@@ -618,12 +620,12 @@ def _no_clip(self, params):
 
 
 def _sgd(**impl):
-    """Simulation.make_optimizer with another torch SGD implementation (``impl``: foreach=..., fused=...)."""
-    def make_optimizer(self, params, lr=None):
+    """LocalOptimizer.make with another torch SGD implementation (``impl``: foreach=..., fused=...)."""
+    def make(self, params, lr=None, t=None):
         cfg = self.cfg
         return torch.optim.SGD(list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, **impl)
-    return make_optimizer
+    return make
 
 
 PLAIN: dict[str, list[tuple[object, str, object]]] = {
@@ -631,14 +633,14 @@ PLAIN: dict[str, list[tuple[object, str, object]]] = {
     # every call rebuilds the structural key and looks it up, as before the per-call cache
     "meter hook without cache": [(FlopMeter, "_per_sample", FlopMeter._traced_cost)],
     "meter as torch forward hooks (not wrapped forwards)": [(FlopMeter, "_meter_leaf", _hook_leaf)],
-    "clip: torch's clip_grad_norm_ per tensor": [(Simulation, "clip_gradients", _clip_plain)],
-    "SGD for-loop (not fused)": [(Simulation, "make_optimizer", _sgd(foreach=False))],
+    "clip: torch's clip_grad_norm_ per tensor": [(LocalOptimizer, "clip_gradients", _clip_plain)],
+    "SGD for-loop (not fused)": [(LocalOptimizer, "make", _sgd(foreach=False))],
 }
 CANDIDATES: dict[str, list[tuple[object, str, object]]] = {
-    "candidate: SGD(foreach=True) instead of fused": [(Simulation, "make_optimizer", _sgd(foreach=True))],
+    "candidate: SGD(foreach=True) instead of fused": [(LocalOptimizer, "make", _sgd(foreach=True))],
     # not a candidate (it changes the algorithm): what the protocol's gradient clip costs, which the bare
     # ceiling does not pay
-    "diagnostic: no gradient clip (changes the algorithm)": [(Simulation, "clip_gradients", _no_clip)],
+    "diagnostic: no gradient clip (changes the algorithm)": [(LocalOptimizer, "clip_gradients", _no_clip)],
 }
 
 
@@ -724,7 +726,7 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log, var
     cfg = workload_config(args, "fedlora", variant, fraction=args.breakdown_fraction, rounds=10 ** 6,
                           eval_every=10 ** 6)
     timers = Timers()
-    orig_hook, orig_batches = FlopMeter._hook, Simulation.train_batches
+    orig_hook, orig_batches = FlopMeter._hook, BatchSource.train_batches
 
     def hook(self, *a, **kw):
         t0 = time.perf_counter()
@@ -733,11 +735,11 @@ def breakdown(arrays: Arrays, args, device: torch.device, ceil_v: dict, log, var
         finally:
             timers.s["meter counting"] = timers.s.get("meter counting", 0.0) + time.perf_counter() - t0
 
-    instrument = [(FlopMeter, "_hook", hook), (Simulation, "train_batches", timed_batches(timers, orig_batches)),
-                  (Simulation, "clip_gradients", timers.timed(Simulation.clip_gradients, "gradient clip")),
+    instrument = [(FlopMeter, "_hook", hook), (BatchSource, "train_batches", timed_batches(timers, orig_batches)),
+                  (LocalOptimizer, "clip_gradients", timers.timed(LocalOptimizer.clip_gradients, "gradient clip")),
                   (torch.Tensor, "backward", timers.timed(torch.Tensor.backward, "backward")),
                   (torch.optim.SGD, "step", timers.timed(torch.optim.SGD.step, "SGD.step")),
-                  (Simulation, "make_optimizer", timers.timed(Simulation.make_optimizer, "make_optimizer"))]
+                  (LocalOptimizer, "make", timers.timed(LocalOptimizer.make, "make_optimizer"))]
     pf = default_prefetch(device)
     variants = {"instrumented (no prefetch)": (instrument, False, 0), "engine as is": ([], pf, 0)}
     for name, ch in PLAIN.items():

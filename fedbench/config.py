@@ -40,7 +40,13 @@ class RunConfig:
     rounds: int = hparam(500, "communication rounds T", low=1)
     epochs: int = hparam(1, "local epochs E per round", low=1)
     batch_size: int = hparam(64, "local batch size", low=1)
-    lr: float = hparam(0.01, "SGD learning rate", low=0.0, low_open=True)
+    optimizer: str = hparam("sgd", "local optimiser: sgd (momentum, weight decay below) or adamw (weight decay "
+                                   "below, torch's betas)", choices=("sgd", "adamw"))
+    lr: float = hparam(0.01, "local learning rate", low=0.0, low_open=True)
+    lr_schedule: str = hparam("constant", "learning rate over rounds: constant, or cosine from --lr at round 1 "
+                                          "to --lr-min at the last", choices=("constant", "cosine"))
+    lr_min: float = hparam(0.0, "cosine schedule: learning rate of the last round", low=0.0)
+    local_steps: int = hparam(0, "local batches per training pass instead of --epochs (0 = use epochs)", low=0)
     momentum: float = hparam(0.9, "SGD momentum", low=0.0, high=1.0, high_open=True)
     weight_decay: float = hparam(1e-3, "SGD weight decay", low=0.0)
     clip: float = hparam(50.0, "gradient-norm clip (0 = off)", low=0.0)
@@ -95,7 +101,7 @@ class RunConfig:
 
 
 CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_params"}
-LATE_FIELDS = ("fused_sgd",)
+LATE_FIELDS = ("fused_sgd", "optimizer", "lr_schedule", "lr_min", "local_steps")
 
 # Defaults that depend on the device a run is made on, applied when the user leaves the option unset
 # and stored concretely in the config (so a run's identity never depends on where it is looked up).
@@ -136,6 +142,9 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     checked = {k: hparams.coerce(CORE_FIELDS[k], v, "run") for k, v in core.items()}
     mp = hparams.build(method_cls.Params, rest, f"method {method_name}")
     cfg = RunConfig(**checked, method_params=dataclasses.asdict(mp))
+    check_method = getattr(method_cls, "check_config", None)
+    if check_method is not None:
+        check_method(mp, cfg)
     info = dataset_info(cfg.dataset)
     K = info.num_classes
     if cfg.classes_per_client == 0:
@@ -145,7 +154,9 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     if int(cfg.fraction * cfg.clients) < 1:
         raise ConfigError(f"--fraction {cfg.fraction} with --clients {cfg.clients} samples no client per round; "
                           f"need fraction x clients >= 1")
-    if not method_cls.heterogeneous and cfg.models == "hetero":
+    if cfg.lr_schedule == "cosine" and cfg.lr_min > cfg.lr:
+        raise ConfigError(f"--lr-min {cfg.lr_min} exceeds --lr {cfg.lr}; the cosine schedule decays from --lr")
+    if method_cls.family == "mhpfl" and not method_cls.heterogeneous and cfg.models == "hetero":
         raise ConfigError(f"method {method_name} needs one architecture for all clients; "
                           f"use --models cnn1 (or cnn2..cnn5), not --models hetero")
     return cfg

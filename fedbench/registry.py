@@ -35,6 +35,15 @@ def _discover() -> None:
         return
     _loaded = True
     import fedbench.methods.fedlora  # noqa: F401  (the headline method ships in the core)
+    from fedbench.methods.lora import (  # noqa: F401  (the federated-LoRA family ships in the core)
+        fedit,
+        fedsa_lora,
+        ffa_lora,
+        flexlora,
+        flora,
+        hetlora,
+        references,
+    )
 
     for ep in entry_points(group="fedbench.methods"):
         try:

@@ -36,6 +36,30 @@ class Prepared:
     device: torch.device
     run_id: str
     label: str
+    backbone: torch.nn.Module | None = None
+    backbone_info: dict | None = None  # provenance: name, digest, source, recipe
+
+    @property
+    def identity_digest(self) -> str:
+        """What besides the config identifies a run: the dataset's content, and the backbone's weights."""
+        if self.backbone_info is None:
+            return self.arrays.digest
+        return f"{self.arrays.digest}+{self.backbone_info['digest']}"
+
+
+def load_shared_backbone(cfg: RunConfig, data_dir) -> tuple[torch.nn.Module, dict] | tuple[None, None]:
+    """The frozen backbone a federated-LoRA method asks for (pretrained cache, --model-path or random),
+    checked against the method's targets and ranks; (None, None) for methods without one."""
+    params = method_params_obj(cfg)
+    req = cfg.method_class().backbone_request(params)
+    if req is None:
+        return None, None
+    from fedbench.pretrain import load_backbone
+    module, info = load_backbone(req["name"], cfg.num_classes, data_dir, model_path=req["model_path"] or None,
+                                 init=req["init"], seed=cfg.seed)
+    cfg.method_class().check_backbone(params, cfg, module)
+    info = {"name": info.name, "digest": info.digest, "source": str(info.source), "recipe": info.recipe}
+    return module, info
 
 
 def prepare(cfg: RunConfig, data_dir: Path | str | None, device: str = "auto",
@@ -45,7 +69,10 @@ def prepare(cfg: RunConfig, data_dir: Path | str | None, device: str = "auto",
     arrays = arrays or load_dataset(cfg.dataset, data_dir)
     data = build_federated_data(arrays, cfg, dev)
     label = cfg.method_class().label(method_params_obj(cfg))
-    return Prepared(cfg, arrays, data, dev, cfg.run_hash(arrays.digest), label)
+    backbone, info = load_shared_backbone(cfg, data_dir)
+    p = Prepared(cfg, arrays, data, dev, "", label, backbone, info)
+    p.run_id = cfg.run_hash(p.identity_digest)
+    return p
 
 
 def client_table(p: Prepared, sim: Simulation) -> list[dict]:
@@ -57,8 +84,9 @@ def client_table(p: Prepared, sim: Simulation) -> list[dict]:
 def execute(p: Prepared, store: Store, on_round: Callable[[RoundResult], None] | None = None,
             command: str | None = None, sweep: str | None = None) -> dict:
     """Run and store; returns the summary computed back from the stored rows."""
-    sim = Simulation(p.cfg, p.data, p.device)
-    store.start_run(p.run_id, p.cfg, p.label, p.arrays.digest, p.data.partition.digest(), versions(),
+    sim = Simulation(p.cfg, p.data, p.device, backbone=p.backbone)
+    store.start_run(p.run_id, p.cfg, p.label, p.arrays.digest, p.data.partition.digest(),
+                    {**versions(), **({"backbone": p.backbone_info} if p.backbone_info else {})},
                     str(p.device), command or " ".join(sys.argv), client_table(p, sim), sweep)
 
     def write(r: RoundResult) -> None:
@@ -76,4 +104,4 @@ def execute(p: Prepared, store: Store, on_round: Callable[[RoundResult], None] |
 
 
 def stored_summary(store: Store, run_id: str) -> dict:
-    return summarize(store.rounds(run_id), store.client_rounds(run_id))
+    return summarize(store.rounds(run_id), store.client_rounds(run_id), store.round_metrics(run_id))

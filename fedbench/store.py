@@ -45,7 +45,16 @@ CREATE TABLE IF NOT EXISTS client_rounds (
     correct INTEGER, total INTEGER,
     PRIMARY KEY (run_id, round, client)
 );
+CREATE TABLE IF NOT EXISTS round_metrics (      -- named metrics of a round (server, global model)
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
+    PRIMARY KEY (run_id, round, name)
+);
+CREATE TABLE IF NOT EXISTS client_metrics (     -- named metrics a method reported for a client
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, client INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
+    PRIMARY KEY (run_id, round, client, name)
+);
 """
+RUN_TABLES = ("runs", "clients", "rounds", "client_rounds", "round_metrics", "client_metrics")
 
 
 def check_results_path(path: Path) -> None:
@@ -93,7 +102,7 @@ class Store:
                   versions: dict, device: str, command: str, clients: list[dict], sweep: str | None = None) -> None:
         """Create (or reset an incomplete) run with its client table, in one transaction."""
         with self._tx():
-            for table in ("runs", "clients", "rounds", "client_rounds"):
+            for table in RUN_TABLES:
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             self.db.execute(
                 "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -114,6 +123,11 @@ class Store:
                 "INSERT INTO client_rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [(run_id, r.round, x.client, int(x.selected), x.bytes_up, x.bytes_down, x.train_macs,
                   x.eval_macs, x.train_samples, x.correct, x.total) for x in r.rows])
+            self.db.executemany("INSERT INTO round_metrics VALUES (?,?,?,?)",
+                                [(run_id, r.round, k, v) for k, v in sorted(getattr(r, "metrics", {}).items())])
+            self.db.executemany("INSERT INTO client_metrics VALUES (?,?,?,?,?)",
+                                [(run_id, r.round, x.client, k, v) for x in r.rows
+                                 for k, v in sorted(getattr(x, "metrics", {}).items())])
 
     def mark_failed(self, run_id: str, cfg, error: str) -> None:
         """Record a run that failed before (or while) the engine ran it."""
@@ -144,6 +158,15 @@ class Store:
     def client_rounds(self, run_id: str) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM client_rounds WHERE run_id = ? ORDER BY round, client",
                                  self.db, params=(run_id,))
+
+    def round_metrics(self, run_id: str) -> pd.DataFrame:
+        """Long format: round, name, value."""
+        return pd.read_sql_query("SELECT round, name, value FROM round_metrics WHERE run_id = ? ORDER BY round, name",
+                                 self.db, params=(run_id,))
+
+    def client_metrics(self, run_id: str) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT round, client, name, value FROM client_metrics WHERE run_id = ? "
+                                 "ORDER BY round, client, name", self.db, params=(run_id,))
 
     def clients(self, run_id: str) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM clients WHERE run_id = ? ORDER BY client", self.db,

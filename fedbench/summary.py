@@ -22,7 +22,18 @@ def accuracy_series(client_rounds: pd.DataFrame) -> pd.DataFrame:
                          "acc_weighted": g["correct"].sum() / g["total"].sum()}).reset_index()
 
 
-def summarize(rounds: pd.DataFrame, client_rounds: pd.DataFrame) -> dict:
+def global_accuracy_series(round_metrics: pd.DataFrame | None) -> pd.Series:
+    """Per evaluated round: the global model's accuracy on the union of the clients' test splits."""
+    if round_metrics is None or round_metrics.empty:
+        return pd.Series(dtype=float)
+    w = round_metrics.pivot(index="round", columns="name", values="value")
+    if "global_correct" not in w:
+        return pd.Series(dtype=float)
+    w = w.dropna(subset=["global_correct"])
+    return w["global_correct"] / w["global_total"]
+
+
+def summarize(rounds: pd.DataFrame, client_rounds: pd.DataFrame, round_metrics: pd.DataFrame | None = None) -> dict:
     acc = accuracy_series(client_rounds)
     n_rounds = int(rounds["round"].max()) if len(rounds) else 0
     out: dict = {"rounds": n_rounds, "evaluations": int(len(acc))}
@@ -43,4 +54,18 @@ def summarize(rounds: pd.DataFrame, client_rounds: pd.DataFrame) -> dict:
         eval_s=float(rounds["eval_s"].sum()),
         flop_convention=FLOP_CONVENTION,
     )
+    g = global_accuracy_series(round_metrics).to_numpy(dtype=float)
+    out["acc_last_global"] = float(g[-1]) if g.size else None
+    out["acc_best_global"] = float(g.max()) if g.size else None
+    out["acc_last10_global"] = float(g[-10:].mean()) if g.size else None
+    metrics = {}
+    if round_metrics is not None and not round_metrics.empty:
+        for name, grp in round_metrics.groupby("name"):
+            if name.startswith("global_"):
+                continue
+            v = grp.sort_values("round")["value"].to_numpy(dtype=float)
+            metrics[name] = {"last": float(v[-1]), "mean": float(v.mean()), "max": float(v.max())}
+        ge = round_metrics[round_metrics["name"] == "global_eval_macs"]["value"]
+        out["global_eval_tflops"] = 2 * float(ge.sum()) / 1e12
+    out["metrics"] = metrics
     return out

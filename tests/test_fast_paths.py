@@ -29,7 +29,7 @@ LORA_PARAMS = 8 * (500 + 10)  # FedLoRA head-lora, rank 8: A (8 x 500) + B (10 x
 
 
 def _params(sim) -> dict:
-    return {k: [t.detach().clone() for t in ts] for k, ts in sim._state.items()}
+    return {k: [t.detach().clone() for t in ts] for k, ts in sim.state.tensors.items()}
 
 
 def test_channels_last_fp32_same_metrics_as_plain():
@@ -43,7 +43,7 @@ def test_channels_last_fp32_same_metrics_as_plain():
     plain = make_sim(small_config(method="standalone", channels_last=False))
     cl = make_sim(small_config(method="standalone", channels_last=True))
     assert any(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-               and not t.is_contiguous() for ts in cl._state.values() for t in ts)
+               and not t.is_contiguous() for ts in cl.state.tensors.values() for t in ts)
     for a, b in zip(plain.clients, cl.clients, strict=True):
         idx = plain.data.index["test"][a.id]
         with torch.no_grad():
@@ -92,7 +92,7 @@ def test_bf16_runs_and_learns():
                                 channels_last=True))
     acc, _ = sim.run()[-1].accuracy()
     assert acc > 0.5 + 0.15, f"bf16 did not learn: {acc}"
-    assert all(t.dtype == torch.float32 for ts in sim._state.values() for t in ts)
+    assert all(t.dtype == torch.float32 for ts in sim.state.tensors.values() for t in ts)
 
 
 def test_client_state_bytes_equals_hand_computed_parameter_bytes():
@@ -154,27 +154,27 @@ def test_prefetch_thread_changes_nothing():
     weights as preparing it inline (FedLoRA: two batch streams per client and round)."""
     cfg = small_config(method="fedlora", rounds=2)
     on, off = make_sim(cfg), make_sim(cfg)
-    on.prefetch, off.prefetch = True, False
+    on.batches.prefetch, off.batches.prefetch = True, False
     for t in (1, 2):
         ra, rb = on.run_round(t), off.run_round(t)
         assert ra.rows == rb.rows and ra.server_macs == rb.server_macs
     pa, pb = _params(on), _params(off)
     assert all(torch.equal(x, y) for k in pa for x, y in zip(pa[k], pb[k], strict=True))
-    assert on._pool is not None and off._pool is None
+    assert on.batches._pool is not None and off.batches._pool is None
     on.close()
-    assert on._pool is None
+    assert on.batches._pool is None
 
 
 def test_prefetch_counts_only_batches_handed_out():
     """A method that stops reading early: the batch prepared ahead is not counted as trained."""
     sim = make_sim(small_config(method="standalone", batch_size=8))
-    sim.prefetch = True
+    sim.batches.prefetch = True
     c = sim.clients[0]
     c.round, c.streams = 1, 0
     it = sim.train_batches(c, epochs=1, augment=True, shuffle=True)
     got = [next(it)[1].numel() for _ in range(2)]
     it.close()
-    assert int(sim._samples[c.id]) == sum(got) == 16
+    assert int(sim.batches.samples[c.id]) == sum(got) == 16
     sim.close()
 
 
@@ -341,7 +341,7 @@ def test_engine_clip_is_torch_clip_bit_for_bit(scale):
     for a, b, gr in zip(ours, theirs, grads, strict=True):
         a.grad = gr.clone()
         b.grad = gr.clone()
-    sim.clip_gradients(ours)
+    sim.optim.clip_gradients(ours)
     torch.nn.utils.clip_grad_norm_(theirs, 5.0, foreach=True)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))

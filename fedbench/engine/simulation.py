@@ -2,22 +2,22 @@
 
 Per round t:
   1. sample int(C*N) distinct clients (seeded by the master seed and t);
-  2. each participant receives the broadcast (bytes down), runs ``client_update`` (metered FLOPs)
-     and returns its upload (bytes up);
-  3. the server turns uploads into the next broadcast (``server_update``, server FLOPs); a method
+  2. each participant gets its download (``method.download``: the broadcast, or a payload of its own;
+     bytes down), runs ``client_update`` (metered FLOPs) and returns its upload (bytes up);
+  3. the server turns uploads into the next global state (``server_update``, server FLOPs); a method
      with ``push = "all"`` has it delivered to every client right away (bytes down for all);
-  4. every ``eval_every`` rounds (and at the last) all clients are evaluated on their test split.
-Client state is tensors; one workspace module per (role, name, spec) is bound to a client's tensors
-when the method asks for it, so nothing is rebuilt per round.
+  4. every ``eval_every`` rounds (and at the last) all clients are evaluated on their test split, and
+     the global model (where the method has one) on the union of the clients' test splits.
+The engine's jobs are separate units with public interfaces, each replaceable (the speed suite swaps
+them): ``ModuleState`` (client/server tensors bound to workspace modules), ``BatchSource`` (batches),
+``LocalOptimizer`` (optimiser, learning-rate schedule, clip), ``Evaluator``; this module is the round loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,12 +26,16 @@ from torch import nn
 
 from fedbench.config import RunConfig, method_params_obj
 from fedbench.engine.allocator import tune_host_allocator
+from fedbench.engine.batches import PREFETCH_ENV, BatchSource, available_cores, default_prefetch  # noqa: F401
 from fedbench.engine.data import FederatedData
+from fedbench.engine.evaluation import Evaluator
+from fedbench.engine.optim import LocalOptimizer
+from fedbench.engine.state import ModuleState
 from fedbench.metering.comm import payload_bytes
 from fedbench.metering.flops import FlopMeter
 from fedbench.methods.base import Client, Method, Party, Server, Upload
 from fedbench.models.cnn import ModuleSpec, cnn_spec, model_assignment
-from fedbench.seeding import derive, numpy_rng, torch_generator
+from fedbench.seeding import numpy_rng
 
 
 @dataclass
@@ -45,6 +49,7 @@ class ClientRow:
     train_samples: int = 0
     correct: int | None = None  # None: not evaluated this round, or prediction undefined
     total: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # named metrics the method reported
 
 
 @dataclass
@@ -56,6 +61,7 @@ class RoundResult:
     server_macs: int
     evaluated: bool
     rows: list[ClientRow] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # round-level named metrics (server, global model)
 
     def accuracy(self) -> tuple[float | None, float | None]:
         """(unweighted mean of client accuracies, sample-weighted accuracy) over evaluated clients."""
@@ -64,6 +70,10 @@ class RoundResult:
             return None, None
         return (float(np.mean([r.correct / r.total for r in ev])),
                 sum(r.correct for r in ev) / sum(r.total for r in ev))
+
+    def global_accuracy(self) -> float | None:
+        c, n = self.metrics.get("global_correct"), self.metrics.get("global_total")
+        return None if c is None or not n else c / n
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,51 +85,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-PREFETCH_ENV = "FEDBENCH_PREFETCH"  # on | off | auto (the default): see default_prefetch
-
-
-def default_prefetch(device: torch.device, threads: int | None = None, cores: int | None = None) -> bool:
-    """Prefetch batches in a helper thread on the CPU when a core is left over by torch's intra-op
-    threads (benchmarks/speed.py, 2-core CPU, 1 thread: FedLoRA trains 1.16x faster with it; with both
-    cores computing it changes nothing); never on CUDA, where batch preparation is asynchronous
-    already. ``FEDBENCH_PREFETCH=on|off`` overrides (sweeps set off when their jobs fill the cores)."""
-    if device.type != "cpu":
-        return False
-    forced = os.environ.get(PREFETCH_ENV, "auto").strip().lower()
-    if forced in ("on", "off"):
-        return forced == "on"
-    threads = torch.get_num_threads() if threads is None else threads
-    cores = available_cores() if cores is None else cores
-    return threads < cores
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class Simulation:
     def __init__(self, cfg: RunConfig, data: FederatedData, device: torch.device,
-                 prefetch: bool | None = None) -> None:
+                 prefetch: bool | None = None, *, backbone: nn.Module | None = None,
+                 batches: BatchSource | None = None, optim: LocalOptimizer | None = None,
+                 evaluator: Evaluator | None = None) -> None:
         self.cfg = cfg
         self.data = data
         self.device = device
         if device.type == "cpu":
             tune_host_allocator()  # process-wide, changes no result (see engine/allocator.py)
-        # prepare the next training batch in a helper thread (None: where it pays, see default_prefetch)
-        self.prefetch = default_prefetch(device) if prefetch is None else prefetch
-        self._pool: ThreadPoolExecutor | None = None
         self.num_classes = data.num_classes
         self.meter = FlopMeter()
+        self.state = ModuleState(device, self.meter, seed=cfg.seed, same_init=cfg.same_init,
+                                 channels_last=cfg.channels_last)
+        self.batches = batches or BatchSource(cfg, data, device, prefetch)
+        self.optim = optim or LocalOptimizer(cfg, device)
+        self.evaluator = evaluator or Evaluator(data, cfg, device)
+        self.backbone = self._install_backbone(backbone) if backbone is not None else None
         method_cls = cfg.method_class()
         self.method: Method = method_cls(method_params_obj(cfg), cfg)
-        self._workspace: dict[tuple, nn.Module] = {}
-        self._state: dict[tuple, list[torch.Tensor]] = {}
-        self._bound: dict[int, tuple] = {}
-        self._samples = np.zeros(cfg.clients, dtype=np.int64)
+        self._metrics: dict = {}
         archs = model_assignment(cfg.models, cfg.clients)
         train_labels = data.split_labels["train"]
         self.clients: list[Client] = []
@@ -129,12 +115,27 @@ class Simulation:
             c = Client(self, k, arch, cnn_spec(arch, self.num_classes), sizes,
                        torch.as_tensor(classes, dtype=torch.int64, device=device))
             self.clients.append(c)
-            self.method.client_init(c)
         self.server = Server(self)
+        self.method.setup(self.server, self.clients)
+        for c in self.clients:
+            self.method.client_init(c)
         self.broadcast = self.method.server_init(self.server)
         n = {"all-splits": lambda c: sum(c.sizes.values()), "train": lambda c: c.n_train,
              "uniform": lambda c: 1}[cfg.agg_weight]
         self.agg_n = np.array([n(c) for c in self.clients], dtype=np.float64)
+        self.has_global_model = type(self.method).global_predict is not Method.global_predict
+
+    def _install_backbone(self, backbone: nn.Module) -> nn.Module:
+        """The one frozen backbone all clients share: on the device, eval mode, no gradients, metered."""
+        backbone = backbone.to(self.device).eval()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        if self.cfg.channels_last:
+            for m in backbone.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        self.meter.attach(backbone)
+        return backbone
 
     # --- services used through Client/Server handles -------------------------------------------
     @staticmethod
@@ -142,26 +143,11 @@ class Simulation:
         return ("client", party.id) if isinstance(party, Client) else ("server",)
 
     def create_module(self, party: Party, name: str, spec: ModuleSpec) -> nn.Module:
-        key = self._key(party)
         party.specs[name] = spec
-        role = key[0]
-        ws_key = (role, name, spec)
-        if ws_key not in self._workspace:
-            ws = spec.build().to(self.device)
-            self.meter.attach(ws)
-            self._workspace[ws_key] = ws
-        ident = (role, name, str(spec)) if self.cfg.same_init else (*key, name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive(self.cfg.seed, "init", *map(str, ident)))
-            fresh = spec.build()
-        tensors = [self._layout(t.detach().to(self.device).clone()) for t in (*fresh.parameters(), *fresh.buffers())]
-        self._state[(*key, name)] = tensors
-        return self.bound_module(party, name)
+        return self.state.create(self._key(party), name, spec)
 
-    def _layout(self, t: torch.Tensor) -> torch.Tensor:
-        if self.cfg.channels_last and t.dim() == 4:
-            return t.contiguous(memory_format=torch.channels_last)
-        return t
+    def bound_module(self, party: Party, name: str) -> nn.Module:
+        return self.state.bound(self._key(party), name)
 
     def compute(self):
         """The precision context of client computation (bf16 autocast, or nothing)."""
@@ -171,95 +157,22 @@ class Simulation:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
-    def bound_module(self, party: Party, name: str) -> nn.Module:
-        key = self._key(party)
-        spec = party.specs[name]
-        ws = self._workspace[(key[0], name, spec)]
-        owner = (*key, name)
-        if self._bound.get(id(ws)) != owner:
-            tensors = self._state[owner]
-            for slot, t in zip((*ws.parameters(), *ws.buffers()), tensors, strict=True):
-                slot.data = t
-                slot.grad = None
-            self._bound[id(ws)] = owner
-        return ws
-
     def train_batches(self, client: Client, epochs: int, augment: bool, shuffle: bool, count: bool = True):
-        cfg, data = self.cfg, self.data
-        idx = data.index["train"][client.id]
-        # the n-th call of a client in a round gets stream (client, round, n): the same for any method
-        client.streams += 1
-        g = torch_generator(self.device, cfg.seed, "data", client.id, client.round, client.streams)
-        mode = cfg.augment if augment else "none"
-        n, bs = len(idx), cfg.batch_size
+        return self.batches.train_batches(client, epochs, augment, shuffle, count)
 
-        def produce():
-            for _ in range(epochs):
-                order = idx[torch.randperm(n, generator=g, device=self.device)] if shuffle else idx
-                for s in range(0, n, bs):
-                    b = order[s:s + bs]
-                    yield data.transform.train_gather(data.images, b, mode, g), data.labels[b]
+    def make_optimizer(self, params, lr: float | None = None, t: int | None = None) -> torch.optim.Optimizer:
+        return self.optim.make(params, lr, t)
 
-        for x, y in (self._prefetched(produce()) if self.prefetch else produce()):
-            if count:  # counted when handed to the method, not when prepared
-                self._samples[client.id] += len(y)
-            yield x, y
+    def optimizer_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        self.optim.step(opt, loss)
 
-    def _prefetched(self, it):
-        """Yield from ``it`` while a helper thread prepares the next item (gather and augmentation run on
-        a spare core while the method trains on the current batch; torch ops release the GIL). The
-        items and their order are those of ``it``: ``it`` runs in one thread at a time."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedbench-data")
-        end = object()
-        nxt = self._pool.submit(next, it, end)
-        try:
-            while True:
-                item = nxt.result()
-                if item is end:
-                    return
-                nxt = self._pool.submit(next, it, end)
-                yield item
-        finally:  # the consumer stopped early: let the pending step finish before `it` is dropped
-            with contextlib.suppress(BaseException):
-                nxt.result()
+    def report(self, party: Party, name: str, value: float) -> None:
+        key = party.id if isinstance(party, Client) else "round"
+        self._metrics.setdefault(key, {})[name] = float(value)
 
     def close(self) -> None:
         """Stop the data helper thread (if any)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        return torch.optim.SGD(list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, fused=cfg.fused_sgd or None)
-
-    def optimizer_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.clip > 0:
-            self.clip_gradients([p for g in opt.param_groups for p in g["params"] if p.grad is not None])
-        opt.step()
-
-    def clip_gradients(self, params: list[torch.Tensor]) -> None:
-        """``clip_grad_norm_(params, clip)``, bit for bit. On the CPU the multiply is skipped when the
-        clamped coefficient is exactly 1 (the usual case: a multiply by 1.0 changes no bit, and reading
-        the coefficient costs no device sync there); elsewhere it always runs, sync-free."""
-        max_norm = self.cfg.clip
-        if self.device.type != "cpu":
-            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            return
-        grads = [p.grad for p in params]
-        if not grads:
-            return
-        # one dtype (so one group): what torch's get_total_norm computes, without its grouping bookkeeping
-        if all(g.dtype == grads[0].dtype for g in grads):
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-        else:
-            total = torch.nn.utils.get_total_norm(grads, 2.0, False, True)
-        if not float(max_norm / (total + 1e-6)) >= 1.0:  # torch's coefficient is below its clamp, or NaN
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        self.batches.close()
 
     # --- the round loop -------------------------------------------------------------------------
     def sample(self, t: int) -> list[int]:
@@ -270,18 +183,13 @@ class Simulation:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
     def evaluate(self, client: Client) -> tuple[int | None, int]:
-        data, bs = self.data, self.cfg.eval_batch_size
-        idx = data.index["test"][client.id]
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        for s in range(0, len(idx), bs):
-            b = idx[s:s + bs]
-            logits = self.method.predict(client, data.transform.eval(data.images[b]))
-            if logits is None:
-                return None, len(idx)
-            correct += (logits.argmax(1) == data.labels[b]).sum()
-        return int(correct.item()), len(idx)
+        return self.evaluator.client(self.method, client)
+
+    def _download(self, client: Client, rows: dict) -> object:
+        payload = self.method.download(self.server, client, self.broadcast)
+        rows[client.id].bytes_down += payload_bytes(payload)
+        return payload
 
     def run_round(self, t: int) -> RoundResult:
         cfg, method = self.cfg, self.method
@@ -289,53 +197,62 @@ class Simulation:
             c.round, c.streams = t, 0
         self.server.round = t
         rows = {c.id: ClientRow(c.id, False) for c in self.clients}
-        self._samples[:] = 0
+        self.batches.samples[:] = 0
+        self._metrics = {}
         self._sync()
         t0 = time.perf_counter()
         if t == 1 and method.push == "all" and self.broadcast is not None:
             for c in self.clients:
-                rows[c.id].bytes_down += payload_bytes(self.broadcast)
-                method.receive(c, self.broadcast)
+                method.receive(c, self._download(c, rows))
         selected = self.sample(t)
         uploads = []
         w = self.agg_n[selected] / self.agg_n[selected].sum()
         for k, wk in zip(selected, w, strict=True):
             c, row = self.clients[k], rows[k]
             row.selected = True
-            if method.push == "selected":
-                row.bytes_down += payload_bytes(self.broadcast)
+            down = self._download(c, rows) if method.push == "selected" else self.broadcast
             with self.meter.scope(k, "train"), self.compute():
-                up = method.client_update(c, self.broadcast)
+                up = method.client_update(c, down)
             row.bytes_up += payload_bytes(up)
             uploads.append(Upload(k, float(wk), up))
         with self.meter.scope("server", "train"):
             self.broadcast = method.server_update(self.server, uploads)
         if method.push == "all" and self.broadcast is not None:
             for c in self.clients:
-                rows[c.id].bytes_down += payload_bytes(self.broadcast)
+                payload = self._download(c, rows)
                 with self.meter.scope(c.id, "train"):
-                    method.receive(c, self.broadcast)
+                    method.receive(c, payload)
         self._sync()
         t1 = time.perf_counter()
         evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
+        round_metrics = self._metrics.pop("round", {})
         if evaluated:
             for c in self.clients:
                 with self.meter.scope(c.id, "eval"), self.compute():
                     rows[c.id].correct, rows[c.id].total = self.evaluate(c)
+            if self.has_global_model:
+                with self.meter.scope("global", "eval"), self.compute():
+                    correct, total = self.evaluator.global_model(method, self.server)
+                if correct is not None:
+                    round_metrics.update(global_correct=correct, global_total=total)
         self._sync()
         t2 = time.perf_counter()
         macs = self.meter.take()
         for (who, kind), v in macs.items():
             if who == "server":
                 continue
-            if kind == "train":
+            if who == "global":
+                round_metrics["global_eval_macs"] = round_metrics.get("global_eval_macs", 0) + v
+            elif kind == "train":
                 rows[who].train_macs += v
             else:
                 rows[who].eval_macs += v
         for k in rows:
-            rows[k].train_samples = int(self._samples[k])
+            rows[k].train_samples = int(self.batches.samples[k])
+            rows[k].metrics = self._metrics.get(k, {})
         server_macs = sum(v for (who, _), v in macs.items() if who == "server")
-        return RoundResult(t, t2 - t0, t1 - t0, t2 - t1, server_macs, evaluated, list(rows.values()))
+        return RoundResult(t, t2 - t0, t1 - t0, t2 - t1, server_macs, evaluated, list(rows.values()),
+                           round_metrics)
 
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
         results = []

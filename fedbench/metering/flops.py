@@ -3,8 +3,8 @@
 Convention (stated in every table):
 * Forward cost of each parametrised leaf module (convolutions, linear layers) per sample comes from
   fvcore, which counts **one multiply-add as one flop** (i.e. MACs). Tables report FLOPs = 2 x MACs.
-  Activations, pooling, bias adds, losses and optimiser updates are not counted (fvcore ignores them;
-  so does ``torch.utils.flop_counter``).
+  Activations, pooling, normalisation layers, bias adds, losses and optimiser updates are not counted
+  (``torch.utils.flop_counter`` counts none of them either; fvcore's norm counts are skipped).
 * Backward cost of a module call is derived from the forward cost: one forward-equivalent for the
   weight gradient if any of the module's parameters is trained, plus one for the input gradient if
   the input needs a gradient. So a trained layer with trained layers below it costs 3x forward, the
@@ -12,6 +12,15 @@ Convention (stated in every table):
   one (or any pass under ``torch.no_grad``) 1x.
 * A module call made with gradients enabled and an output that requires grad is assumed to be
   back-propagated (methods run backward on every training forward they make).
+
+* Parameter-free matrix products (attention's ``q @ k^T`` and ``p @ v``) are counted for modules
+  that declare them with a method ``extra_macs_per_sample(x)``: their forward runs under a torch
+  function mode that counts every ``matmul``/``bmm``/``@`` from its operands' shapes, and its backward
+  as one forward-equivalent per operand that requires a gradient (autograd computes exactly those).
+  So every matmul of a transformer step is counted; ``tests/test_metering.py`` checks the total
+  against ``torch.utils.flop_counter.FlopCounterMode`` on a ViT training step.
+* Server-side algebra (SVD, QR, products of factors) is declared by formula with ``count_macs``; the
+  formulas live in ``fedbench/metering/algebra.py``.
 
 The meter wraps the forward of the leaf modules of the workspace modules once; the engine sets
 the scope (which client, train or eval, server) around each method call.
@@ -27,6 +36,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 def _fvcore_macs_per_sample(module: nn.Module, x: torch.Tensor) -> int:
@@ -64,8 +74,13 @@ class FlopMeter:
         for m in module.modules():
             if id(m) in self._attached:
                 continue
+            if isinstance(m, _NORMS):
+                continue  # elementwise, like activations (fvcore counts norms, FlopCounterMode does not)
             if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
                 self._meter_leaf(m)
+                self._attached[id(m)] = m
+            elif hasattr(m, "extra_macs_per_sample"):
+                m.forward = _MeteredMatmuls(self, m.forward)
                 self._attached[id(m)] = m
 
     def _meter_leaf(self, m: nn.Module) -> None:
@@ -126,6 +141,56 @@ class FlopMeter:
         out = dict(self.macs)
         self.macs.clear()
         return out
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+_MATMULS = {torch.matmul, torch.bmm, torch.mm, torch.Tensor.matmul, torch.Tensor.__matmul__,
+            torch.Tensor.bmm, torch.Tensor.mm}
+
+
+def matmul_macs(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Multiply-adds of ``a @ b`` with broadcasting batch dimensions."""
+    if a.dim() == 1 or b.dim() == 1:
+        return max(a.numel(), b.numel())
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    n = 1
+    for d in batch:
+        n *= d
+    return n * a.shape[-2] * a.shape[-1] * b.shape[-1]
+
+
+class _MatmulCounter(TorchFunctionMode):
+    """Counts the parameter-free matmuls of one module call (forward, and the backward they imply)."""
+
+    def __init__(self, meter: FlopMeter) -> None:
+        super().__init__()
+        self.meter = meter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _MATMULS and len(args) >= 2:
+            a, b = args[0], args[1]
+            fwd = matmul_macs(a, b)
+            total = fwd
+            if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+                total += fwd * (int(a.requires_grad) + int(b.requires_grad))
+            self.meter.macs[(self.meter._scope, self.meter._kind)] += total
+        return out
+
+
+class _MeteredMatmuls:
+    """The forward of a module with parameter-free matmuls (attention): counted while the meter has a scope."""
+
+    __slots__ = ("meter", "forward")
+
+    def __init__(self, meter: FlopMeter, forward) -> None:
+        self.meter, self.forward = meter, forward
+
+    def __call__(self, *args, **kwargs):
+        if self.meter._scope is None or self.meter._tracing:
+            return self.forward(*args, **kwargs)
+        with _MatmulCounter(self.meter):
+            return self.forward(*args, **kwargs)
 
 
 class _Metered:

@@ -13,9 +13,13 @@ A method is one class that reads like its paper's algorithm box::
         def client_update(self, client, broadcast): # local training -> upload
         def server_update(self, server, uploads):   # uploads -> next broadcast
         def predict(self, client, x): ...           # logits for evaluation
+        # optional:
+        def download(self, server, client, state):  # what this client receives (default: the broadcast)
+        def global_predict(self, server, x): ...    # logits of the global model, for methods with one
 
-Uploads and broadcasts are tensors or nested mappings of tensors; the engine counts their bytes.
-A method never touches the store, the CLI or the meters.
+Uploads, broadcasts and downloads are tensors or nested mappings of tensors; the engine counts their
+bytes, per client as sent. Methods report named metrics (``server.report``, ``client.report``) that the
+store keeps per round and per client. A method never touches the store, the CLI or the meters.
 """
 
 from __future__ import annotations
@@ -62,6 +66,17 @@ class Party:
     def module(self, name: str) -> nn.Module:
         return self._rt.bound_module(self, name)
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen pretrained backbone shared by every party (federated-LoRA family only)."""
+        if self._rt.backbone is None:
+            raise RuntimeError("this run has no backbone (the method did not ask for one)")
+        return self._rt.backbone
+
+    def report(self, name: str, value: float) -> None:
+        """A named metric of this round: per client (``client.report``) or of the round (``server.report``)."""
+        self._rt.report(self, name, value)
+
     def count_macs(self, macs: int) -> None:
         """Declare work done outside nn.Modules (an SVD, a closed-form solve) as multiply-adds.
 
@@ -99,8 +114,8 @@ class Client(Party):
         return self._rt.train_batches(self, epochs, augment, shuffle, count)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
-        """The run's local optimiser (SGD lr/momentum/weight decay of the config) over ``params``."""
-        return self._rt.make_optimizer(params)
+        """The run's local optimiser (``--optimizer``, with the round's learning rate of ``--lr-schedule``)."""
+        return self._rt.make_optimizer(params, t=self.round)
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         """zero_grad, backward, clip to the run's gradient-norm limit, step."""
@@ -128,6 +143,7 @@ class Method(abc.ABC):
     # "selected": the broadcast goes to each participant at the start of its round.
     # "all": after aggregation it goes to every client (receive() is called; bytes counted for all).
     push: ClassVar[str] = "selected"
+    family: ClassVar[str] = "mhpfl"  # "mhpfl" (heterogeneous models) or "federated-lora" (shared backbone)
 
     @dataclass
     class Params:
@@ -141,7 +157,16 @@ class Method(abc.ABC):
     def label(cls, params) -> str:
         return cls.name
 
+    @classmethod
+    def backbone_request(cls, params) -> dict | None:
+        """What shared backbone the run needs ({"name", "init", "model_path"}), or None (MHPFL methods)."""
+        return None
+
     # --- the algorithm -------------------------------------------------------------------------
+    def setup(self, server: Server, clients: list[Client]) -> None:
+        """Called once before any client_init: a method may size per-client state (ranks) here."""
+        return None
+
     def client_init(self, client: Client) -> None:
         client.own("model", client.model_spec)
 
@@ -155,6 +180,12 @@ class Method(abc.ABC):
     def server_update(self, server: Server, uploads: list[Upload]):
         return None
 
+    def download(self, server: Server, client: Client, state):
+        """What ``client`` receives at the start of its round (or, with push == "all", after aggregation):
+        by default the broadcast itself; a method may send each client its own payload (its rank, its
+        personalised part). Its bytes are counted for that client."""
+        return state
+
     def receive(self, client: Client, broadcast) -> None:
         """Only for push == "all": install the broadcast on a client outside its own round."""
         return None
@@ -162,6 +193,11 @@ class Method(abc.ABC):
     def predict(self, client: Client, x: torch.Tensor) -> torch.Tensor | None:
         """Logits for evaluation; None means 'undefined' (stored as such, never as 0)."""
         return client.module("model")(x)[0]
+
+    def global_predict(self, server: Server, x: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the global model, for methods that have one (evaluated on the union of the
+        clients' test splits). Not overridden: the method has no global model."""
+        return None
 
 
 # --- helpers methods use -----------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""FLoRA, stacking (Wang et al., NeurIPS 2024; spec §3.5).
+
+    client k: start from a fresh LoRA of its rank r_k (PEFT init) on the merged backbone; train; send A_k, B_k
+    server:   A_stack = [p_1 s_1/s A_1; ...; p_N s_N/s A_N],  B_stack = [B_1 ... B_N]   (only A weighted)
+              W0 <- W0 + s B_stack A_stack  = W0 + sum_k p_k s_k B_k A_k   (exact: D_t = 0)
+    download: the stacks merged since the client last synced (sum_k P(r_k) per round; ``--flora-download
+              dense``: the merged d_out x d_in update instead)
+The stack is sized from the clients actually received (the reference code assumes full participation).
+The backbone is shared, so every client computes on the latest merged backbone; the stacks a client
+missed are counted in its next download. FLoRA keeps no personal state (the LoRA is reset every round):
+a client is evaluated with the global model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedbench.hparams import hparam
+from fedbench.lora import algebra
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
+from fedbench.registry import register_method
+from fedbench.seeding import derive
+
+
+@register_method("flora")
+class FLoRA(FederatedLoRA):
+    paper = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
+    heterogeneous_ranks = True
+
+    @dataclass
+    class Params(LoRAParams):
+        flora_download: str = hparam("stack", "what a client downloads: the stacked factors it missed (stack) "
+                                              "or the merged dense update (dense)", choices=("stack", "dense"))
+
+    @classmethod
+    def display_name(cls) -> str:
+        return "FLoRA"
+
+    def setup(self, server, clients):
+        super().setup(server, clients)
+        self.stacks: list[tuple[int, dict]] = []   # (round, {key: (A_stack, B_stack)}) merged so far
+        self.synced = [0] * len(clients)          # last round whose merge each client has
+
+    def download(self, server, client, state):
+        missed = [(t, st) for t, st in self.stacks if t > self.synced[client.id]]
+        if self.hp.flora_download == "dense":
+            s = server.module("lora").scaling
+            payload = {"dense": {k: sum(s * (st[k][1] @ st[k][0]) for _, st in missed) for k in self.layers}} \
+                if missed else {}
+        else:
+            payload = {"stacks": {str(t): {"A": {k: a for k, (a, _) in st.items()},
+                                           "B": {k: b for k, (_, b) in st.items()}} for t, st in missed}}
+        if self.hp.head == "shared":
+            payload["head"] = self.head_of(server)
+        return payload
+
+    @torch.no_grad()
+    def install(self, party, payload):
+        payload = dict(payload)
+        through = self.stacks[-1][0] if self.stacks else 0
+        stacks, dense = payload.pop("stacks", None), payload.pop("dense", None)
+        have = self.synced[party.id]
+        rounds = sorted(int(t) for t in (stacks or {}))
+        expected = [t for t, _ in self.stacks if have < t <= through]
+        if (stacks is not None and rounds != expected) or (dense is None and stacks is None and expected):
+            raise ValueError(f"FLoRA: client {party.id} synced at round {have} got merges {rounds}, needs {expected}")
+        self.synced[party.id] = through  # the shared backbone already holds these merges
+        super().install(party, payload)
+        self.fresh_lora(party)
+
+    @torch.no_grad()
+    def fresh_lora(self, client) -> None:
+        """A new PEFT-initialised LoRA for this round (seeded by client and round): A Kaiming, B = 0."""
+        g = torch.Generator().manual_seed(derive(self.run.seed, "flora-fresh", client.id, client.round))
+        ad = client.module("lora")
+        for key in ad.lora_A:
+            w = ad.lora_A[key].weight
+            w.copy_(torch.nn.init.kaiming_uniform_(torch.empty(w.shape), a=math.sqrt(5), generator=g))
+            ad.lora_B[key].weight.zero_()
+
+    @torch.no_grad()
+    def aggregate(self, server, uploads):
+        ps = [u.weight for u in uploads]
+        s_out = server.module("lora").scaling
+        stacked = {}
+        for t in self.targets:
+            As = [u.payload["A"][t.key] for u in uploads]
+            Bs = [u.payload["B"][t.key] for u in uploads]
+            ss = [self.scaling_of(u.client) for u in uploads]
+            a, b = algebra.stack(ps, As, Bs, ss, s_out)
+            server.count_macs(algebra.product_macs(b.shape[0], b.shape[1], a.shape[1]))
+            self.merge(t.key, s_out * (b @ a))
+            stacked[t.key] = (a, b)
+        self.stacks.append((server.round, stacked))
+
+    def scaling_of(self, cid: int) -> float:
+        from fedbench.lora.layers import scaling
+        return scaling(self.hp.lora_alpha, self.ranks[cid], self.hp.rslora)
+
+    def predict(self, client, x):
+        """No personal LoRA survives a round: the global model (with the client's head if it is local)."""
+        from fedbench.lora.layers import activate
+        activate(self.layers, self.server.module("lora"))
+        head = client.module("head") if self.hp.head == "local" else self.server.module("head")
+        return head(client.backbone.features(x))

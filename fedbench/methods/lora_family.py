@@ -1,0 +1,321 @@
+"""The federated-LoRA family's common frame (spec §0): every client fine-tunes the one frozen
+pretrained backbone through LoRA adapters; a method is the choice of (a) which factors a client trains,
+(b) which it sends, (c) how the server turns received factors into the next starting point, (d) what
+happens to the backbone. A method file declares exactly those and its aggregation rule; this module
+holds what they share: the adapters and head of each client, per-client ranks, strict installation of
+downloads, local training with the run's optimiser, and the aggregation-error metrics of every round.
+
+Head (``--head``): ``shared`` (trained and averaged like the shared factors), ``local`` (trained, never
+sent), ``frozen`` (one seeded random head for all, never trained). The head is a new linear layer on the
+backbone's features for the fine-tuning task's classes.
+
+Metrics every round (spec §5), reported as named metrics:
+* ``agg_deviation`` D_t = ||W_glob^{t+1} - sum_i p_i W_i^{t,end}||_F / ||sum_i p_i (W_i^{t,end} - W_glob^t)||_F
+  over all adapted matrices together (one Frobenius norm of their concatenation), W the effective
+  weights (backbone, merges included, + s B A) of the shared part; not defined for personalised methods;
+* ``agg_deviation_abs``: its numerator.
+Methods add their own (FedIT's factor error, truncation error per rank, energy ratio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fedbench.errors import ConfigError
+from fedbench.hparams import hparam
+from fedbench.lora import algebra
+from fedbench.lora.layers import TARGET_PRESETS, Target, activate, adapter_spec, find_targets, inject
+from fedbench.methods.base import Client, Method, Server, Upload
+from fedbench.models.cnn import linear_spec
+
+BACKBONES = ("vit", "resnet")
+HEADS = ("shared", "local", "frozen")
+
+
+@dataclass
+class LoRAParams:
+    backbone: str = hparam("vit", "frozen pretrained backbone (`fedbench pretrain`)", choices=BACKBONES)
+    backbone_init: str = hparam("pretrained", "backbone weights: pretrained (the cache of `fedbench pretrain` or "
+                                              "--model-path) or random (a seeded random backbone: reference, tests)",
+                                choices=("pretrained", "random"))
+    model_path: str = hparam("", "a local checkpoint of the backbone's architecture instead of the cache")
+    targets: str = hparam("attn", "adapted layers: a preset (" + ", ".join(TARGET_PRESETS) + ") or a comma list "
+                                  "of layer names (q_proj,v_proj,fc1,...)")
+    rank: int = hparam(8, "LoRA rank r of every client (unless --ranks)", low=1)
+    ranks: str = hparam("", "heterogeneous ranks: N comma-separated ranks (one per client), or cycle:2,4,8,16 "
+                            "(client k gets the (k mod 4)-th)")
+    lora_alpha: float = hparam(16.0, "LoRA alpha: scaling s = alpha / r", low=0.0, low_open=True)
+    rslora: bool = hparam(False, "rsLoRA scaling s = alpha / sqrt(r)")
+    head: str = hparam("shared", "classifier head: shared (averaged), local (never sent) or frozen (random, "
+                                 "never trained)", choices=HEADS)
+    reference_quirks: bool = hparam(False, "reproduce the reference code's known defects (spec §6) instead of "
+                                           "the paper rule")
+
+
+def parse_ranks(p: LoRAParams, clients: int) -> list[int]:
+    """Rank of each client from --rank / --ranks; a list that does not fit the clients is refused."""
+    text = p.ranks.strip()
+    if not text:
+        return [p.rank] * clients
+    cyclic = text.startswith("cycle:")
+    body = text[len("cycle:"):] if cyclic else text
+    try:
+        values = [int(v) for v in body.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--ranks {p.ranks!r}: expected integers like 2,4,8,16 or cycle:2,4,8,16") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"--ranks {p.ranks!r}: ranks must be integers >= 1")
+    if cyclic:
+        return [values[k % len(values)] for k in range(clients)]
+    if len(values) != clients:
+        raise ConfigError(f"--ranks gives {len(values)} ranks for --clients {clients}; give one per client, "
+                          f"or cycle:{body} to repeat them over the clients")
+    return values
+
+
+class FederatedLoRA(Method):
+    """Base of the federated-LoRA methods. Subclasses set the class attributes and ``aggregate``."""
+
+    family = "federated-lora"
+    heterogeneous = False             # one backbone for all clients (ranks may still differ)
+    heterogeneous_ranks: ClassVar[bool] = False
+    trains: ClassVar[tuple[str, ...]] = ("A", "B")   # factors a client trains
+    sends: ClassVar[tuple[str, ...]] = ("A", "B")    # factors that travel (up and down)
+    personalised: ClassVar[bool] = False              # no global model (D_t and global accuracy undefined)
+
+    Params = LoRAParams
+
+    @classmethod
+    def backbone_request(cls, p) -> dict:
+        return {"name": p.backbone, "init": p.backbone_init, "model_path": p.model_path}
+
+    @classmethod
+    def check_config(cls, p, cfg) -> None:
+        ranks = parse_ranks(p, cfg.clients)
+        if len(set(ranks)) > 1 and not cls.heterogeneous_ranks:
+            from fedbench.registry import methods
+            het = [n for n, m in methods().items() if getattr(m, "heterogeneous_ranks", False)]
+            raise ConfigError(f"method {cls.name} needs one rank for all clients, --ranks {p.ranks!r} gives "
+                              f"{min(ranks)}..{max(ranks)}; methods for heterogeneous ranks: {', '.join(het)}")
+
+    @classmethod
+    def check_backbone(cls, p, cfg, backbone) -> list[Target]:
+        """Targets exist and every client's rank fits every target (before anything is stored)."""
+        targets = find_targets(backbone, p.targets)
+        r_max = max(parse_ranks(p, cfg.clients))
+        bound = min(targets, key=lambda t: t.max_rank)
+        if r_max > bound.max_rank:
+            raise ConfigError(f"--rank {r_max} exceeds what layer {bound.name} allows: min(d_in, d_out) = "
+                              f"{bound.max_rank}")
+        return targets
+
+    @classmethod
+    def label(cls, p) -> str:
+        ranks = f"r={p.rank}" if not p.ranks else f"ranks={p.ranks}"
+        return (f"{cls.display_name()} ({p.backbone}, {ranks}, alpha={p.lora_alpha}{', rsLoRA' if p.rslora else ''}, "
+                f"targets={p.targets}, head={p.head}{', reference quirks' if p.reference_quirks else ''})")
+
+    @classmethod
+    def display_name(cls) -> str:
+        return cls.name
+
+    # --- set-up ----------------------------------------------------------------------------------
+    def setup(self, server: Server, clients: list[Client]) -> None:
+        hp = self.hp
+        self.targets = self.check_backbone(hp, self.run, server.backbone)
+        self.layers = inject(server.backbone, self.targets)
+        self.ranks = parse_ranks(hp, len(clients))
+        self.r_global = max(self.ranks)
+        self.feature_dim = server.backbone.feature_dim
+        self.server = server
+        self.clients = clients
+
+    def spec(self, r: int):
+        return adapter_spec(self.targets, r, self.hp.lora_alpha, self.hp.rslora)
+
+    def head_spec(self):
+        return linear_spec(self.feature_dim, self.run.num_classes)
+
+    def client_init(self, client: Client) -> None:
+        client.own("lora", self.spec(self.ranks[client.id]))
+        if self.hp.head != "frozen":
+            client.own("head", self.head_spec())
+
+    def server_init(self, server: Server):
+        server.own("lora", self.spec(self.r_global))
+        server.own("head", self.head_spec())
+        return {}
+
+    # --- what travels ----------------------------------------------------------------------------
+    def factors_of(self, party, which: tuple[str, ...], r: int | None = None) -> dict:
+        """{"A": {key: r x d_in}, "B": {key: d_out x r}} of a party's adapters (truncated to rank r)."""
+        ad = party.module("lora")
+        out = {}
+        for f in which:
+            mods = ad.lora_A if f == "A" else ad.lora_B
+            out[f] = {}
+            for key, m in mods.items():
+                w = m.weight.detach()
+                if r is not None:
+                    w = w[:r] if f == "A" else w[:, :r]
+                out[f][key] = w.clone()
+        return out
+
+    def head_of(self, party) -> dict:
+        return {k: v.detach().clone() for k, v in party.module("head").named_parameters()}
+
+    def download(self, server: Server, client: Client, state):
+        """The global factors this method sends, at the client's rank, and the head if it is shared."""
+        payload = self.factors_of(server, self.sends, self.ranks[client.id])
+        if self.hp.head == "shared":
+            payload["head"] = self.head_of(server)
+        return payload
+
+    def upload(self, client: Client) -> dict:
+        payload = self.factors_of(client, self.sends)
+        if self.hp.head == "shared":
+            payload["head"] = self.head_of(client)
+        return payload
+
+    @torch.no_grad()
+    def install(self, party, payload: dict) -> None:
+        """Copy a download into a party's modules. Strict: every tensor must land in a parameter of the
+        same shape (a download that does not fit is an error, never silently dropped)."""
+        for part, tensors in payload.items():
+            if part in ("A", "B"):
+                ad = party.module("lora")
+                mods = ad.lora_A if part == "A" else ad.lora_B
+                targets = {k: m.weight for k, m in mods.items()}
+            elif part == "head":
+                targets = dict(party.module("head").named_parameters())
+            else:
+                raise KeyError(f"{self.name}: download part {part!r} has no place on the client")
+            for key, t in tensors.items():
+                if key not in targets:
+                    raise KeyError(f"{self.name}: downloaded {part}[{key}] has no parameter on the client")
+                if targets[key].shape != t.shape:
+                    raise ValueError(f"{self.name}: downloaded {part}[{key}] has shape {tuple(t.shape)}, the "
+                                     f"client's is {tuple(targets[key].shape)}")
+                targets[key].copy_(t)
+
+    # --- local training --------------------------------------------------------------------------
+    def head(self, party):
+        return party.module("head") if self.hp.head != "frozen" else self.server.module("head")
+
+    def forward(self, party, x: torch.Tensor) -> torch.Tensor:
+        activate(self.layers, party.module("lora"))
+        return self.head(party)(party.backbone.features(x))
+
+    def trainable(self, client: Client) -> list[torch.nn.Parameter]:
+        ad = client.module("lora")
+        params = []
+        if "A" in self.trains:
+            params += list(ad.lora_A.parameters())
+        if "B" in self.trains:
+            params += list(ad.lora_B.parameters())
+        if self.hp.head != "frozen":
+            params += list(client.module("head").parameters())
+        return params
+
+    def train(self, client: Client) -> None:
+        params = self.trainable(client)
+        ad = client.module("lora")
+        frozen = [p for p in ad.parameters() if all(p is not q for q in params)]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            opt = client.optimizer(params)
+            for x, y in client.batches(self.run.epochs):
+                client.step(opt, F.cross_entropy(self.forward(client, x), y))
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def client_update(self, client: Client, payload):
+        self.install(client, payload)
+        self.train(client)
+        self._record_end(client)
+        return self.upload(client)
+
+    # --- server ----------------------------------------------------------------------------------
+    def aggregate(self, server: Server, uploads: list[Upload]) -> None:
+        raise NotImplementedError
+
+    def server_update(self, server: Server, uploads: list[Upload]):
+        start = None if self.personalised else self.global_deltas(server)
+        self._merged: dict[str, torch.Tensor] = {}
+        self.aggregate(server, uploads)
+        if self.hp.head == "shared" and uploads:
+            self.average_heads(server, uploads)
+        if not self.personalised:
+            self.report_deviation(server, uploads, start)
+        self._ends = {}
+        return {}
+
+    @torch.no_grad()
+    def average_heads(self, server: Server, uploads: list[Upload]) -> None:
+        head = dict(server.module("head").named_parameters())
+        for k, p in head.items():
+            p.copy_(algebra.weighted_sum([u.weight for u in uploads], [u.payload["head"][k] for u in uploads]))
+
+    @torch.no_grad()
+    def merge(self, key: str, delta: torch.Tensor) -> None:
+        """Fold an update into the shared backbone's layer ``key`` (methods that merge: FLoRA, FedEx-LoRA)."""
+        self.layers[key].merge(delta)
+        self._merged[key] = self._merged.get(key, 0) + delta.detach().double()
+
+    @torch.no_grad()
+    def set_global(self, server: Server, A: dict | None = None, B: dict | None = None) -> None:
+        ad = server.module("lora")
+        for part, tensors in (("A", A), ("B", B)):
+            if tensors is None:
+                continue
+            mods = ad.lora_A if part == "A" else ad.lora_B
+            for key, t in tensors.items():
+                w = mods[key].weight
+                w.copy_(t.reshape(w.shape) if t.numel() == w.numel() else algebra.zero_pad(
+                    t, w.shape[0 if part == "A" else 1], 0 if part == "A" else 1).reshape(w.shape))
+
+    # --- metrics ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def global_deltas(self, server: Server) -> dict[str, torch.Tensor]:
+        """s B A of the server's global adapters per target (float64)."""
+        ad = server.module("lora")
+        return {t.key: ad.delta(t.key).double() for t in self.targets}
+
+    @torch.no_grad()
+    def _record_end(self, client: Client) -> None:
+        if self.personalised:
+            return
+        ad = client.module("lora")
+        self._ends = getattr(self, "_ends", {})
+        self._ends[client.id] = {t.key: ad.delta(t.key).double() for t in self.targets}
+
+    @torch.no_grad()
+    def report_deviation(self, server: Server, uploads: list[Upload], start: dict) -> None:
+        ends = self._ends
+        nxt = self.global_deltas(server)
+        num = den = 0.0
+        for t in self.targets:
+            k = t.key
+            ideal = sum(u.weight * ends[u.client][k] for u in uploads)
+            glob = nxt[k] + self._merged.get(k, 0)
+            num += algebra.frob2(glob - ideal)
+            den += algebra.frob2(ideal - start[k])
+        server.report("agg_deviation_abs", num ** 0.5)
+        server.report("agg_deviation", (num / den) ** 0.5 if den > 0 else 0.0)
+
+    # --- evaluation ------------------------------------------------------------------------------
+    def predict(self, client: Client, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(client, x)
+
+    def global_predict(self, server: Server, x: torch.Tensor) -> torch.Tensor | None:
+        if self.personalised or self.hp.head == "local":
+            return None
+        activate(self.layers, server.module("lora"))
+        return server.module("head")(server.backbone.features(x))
+
