@@ -114,15 +114,21 @@ def _pct(x) -> str:
 
 
 def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
+    family = cfg.method_class().family
+    models = (f"backbone={cfg.method_params.get('backbone')}" if family == "federated-lora" else f"models={cfg.models}")
     t = Table(title=f"{label} on {cfg.dataset}: N={cfg.clients}, C={cfg.fraction}, T={s['rounds']}, "
-                    f"E={cfg.epochs}, models={cfg.models}, partition={cfg.partition}", title_justify="left")
-    t.add_column("accuracy (local test)")
+                    f"E={cfg.local_steps or cfg.epochs}{' steps' if cfg.local_steps else ''}, {models}, "
+                    f"partition={cfg.partition}", title_justify="left")
+    t.add_column("accuracy (test)")
     t.add_column("last", justify="right")
     t.add_column("best", justify="right")
     t.add_column("mean of last 10", justify="right")
     for w in ("unweighted", "weighted"):
-        t.add_row(f"clients {w}" if w == "unweighted" else "sample-weighted", _pct(s[f"acc_last_{w}"]),
-                  _pct(s[f"acc_best_{w}"]), _pct(s[f"acc_last10_{w}"]))
+        t.add_row(f"clients' own test, {w}" if w == "unweighted" else "clients' own test, sample-weighted",
+                  _pct(s[f"acc_last_{w}"]), _pct(s[f"acc_best_{w}"]), _pct(s[f"acc_last10_{w}"]))
+    if s.get("acc_last_global") is not None:
+        t.add_row("global model, union of test splits", _pct(s["acc_last_global"]), _pct(s["acc_best_global"]),
+                  _pct(s["acc_last10_global"]))
     out.print(t)
     c = Table(show_header=True, title="cost", title_justify="left")
     c.add_column("quantity")
@@ -134,8 +140,17 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
     c.add_row("client training TFLOP", f"{s['client_train_tflops']:.3f}", f"{s['client_train_tflops'] / r:.4f}")
     c.add_row("client evaluation TFLOP", f"{s['client_eval_tflops']:.3f}", f"{s['client_eval_tflops'] / r:.4f}")
     c.add_row("server TFLOP", f"{s['server_tflops']:.3f}", f"{s['server_tflops'] / r:.4f}")
+    if s.get("global_eval_tflops"):
+        c.add_row("global-model evaluation TFLOP", f"{s['global_eval_tflops']:.3f}", f"{s['global_eval_tflops'] / r:.4f}")
     c.add_row("wall time (training + evaluation)", f"{s['wall_s']:.1f} s", f"{s['wall_s'] / r:.2f} s")
     out.print(c)
+    if s.get("metrics"):
+        m = Table(title="metrics per round (spec §5: agg_deviation = D_t, relative)", title_justify="left")
+        for col in ("metric", "last", "mean", "max"):
+            m.add_column(col, justify="left" if col == "metric" else "right")
+        for name, v in s["metrics"].items():
+            m.add_row(name, f"{v['last']:.4g}", f"{v['mean']:.4g}", f"{v['max']:.4g}")
+        out.print(m)
     out.print(f"FLOPs: 2 per multiply-add (fvcore MACs x 2). run {run_id} in {results}")
 
 
@@ -210,19 +225,32 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
     from fedbench.registry import methods
 
     if what == "methods":
-        for name, cls in methods().items():
-            hetero = "heterogeneous models" if cls.heterogeneous else "one architecture for all clients"
-            out.print(f"[bold]{name}[/bold]  ({hetero}; broadcast to {cls.push} clients)")
-            out.print(f"  paper: {cls.paper}", markup=False)
-            fields = dataclasses.fields(cls.Params)
-            if not fields:
-                out.print("  hyper-parameters: none beyond the run options")
-            for f in fields:
-                rng = hparams.describe_range(f)
-                marker = f"  ({f.metadata['marker']})" if f.metadata.get("marker") else ""
-                out.print(f"  {hparams.option_name(f.name)} = {f.default!r}  {rng}{marker}", markup=False)
-                out.print(f"      {f.metadata['help']}", markup=False)
+        families = {"mhpfl": "Model-heterogeneous personalised FL (MHPFL): heterogeneous CNNs",
+                    "federated-lora": "Federated LoRA: one frozen pretrained backbone, exchanged adapters"}
+        for fam, title in families.items():
+            out.print(f"[bold underline]{title}[/bold underline]")
             out.print()
+            for name, cls in methods().items():
+                if cls.family != fam:
+                    continue
+                if fam == "mhpfl":
+                    what_ = "heterogeneous models" if cls.heterogeneous else "one architecture for all clients"
+                else:
+                    what_ = "heterogeneous ranks" if getattr(cls, "heterogeneous_ranks", False) else "one rank for all"
+                out.print(f"[bold]{name}[/bold]  ({what_}; broadcast to {cls.push} clients)")
+                out.print(f"  paper: {cls.paper}", markup=False)
+                fields = dataclasses.fields(cls.Params)
+                recon = [hparams.option_name(f.name) for f in fields if f.metadata.get("marker") == "reconstruction"]
+                if recon:
+                    out.print(f"  reconstruction flags: {', '.join(recon)}", markup=False)
+                if not fields:
+                    out.print("  hyper-parameters: none beyond the run options")
+                for f in fields:
+                    rng = hparams.describe_range(f)
+                    marker = f"  ({f.metadata['marker']})" if f.metadata.get("marker") else ""
+                    out.print(f"  {hparams.option_name(f.name)} = {f.default!r}  {rng}{marker}", markup=False)
+                    out.print(f"      {f.metadata['help']}", markup=False)
+                out.print()
     elif what == "datasets":
         for name, info in DATASETS.items():
             out.print(f"{name}: {info.num_classes} classes, default classes per client {info.default_classes_per_client}")

@@ -62,6 +62,20 @@ def load_shared_backbone(cfg: RunConfig, data_dir) -> tuple[torch.nn.Module, dic
     return module, info
 
 
+def identity_digest(cfg: RunConfig, data_digest: str, data_dir, _cache: dict | None = None) -> str:
+    """The digest a run id is made with (``Prepared.identity_digest``) without building the run: the
+    dataset's, plus the backbone's weights for methods that have one (a sweep plans with this)."""
+    params = method_params_obj(cfg)
+    req = cfg.method_class().backbone_request(params)
+    if req is None:
+        return data_digest
+    key = (req["name"], req["init"], req["model_path"], cfg.seed if req["init"] == "random" else None)
+    cache = {} if _cache is None else _cache
+    if key not in cache:
+        cache[key] = load_shared_backbone(cfg, data_dir)[1]["digest"]
+    return f"{data_digest}+{cache[key]}"
+
+
 def prepare(cfg: RunConfig, data_dir: Path | str | None, device: str = "auto",
             arrays: Arrays | None = None) -> Prepared:
     """Everything that can fail on user input, done before the store is touched."""

@@ -198,12 +198,13 @@ class Job:
 def plan(sweep: Sweep, store, data_dir) -> list[Job]:
     """Run ids (config hash + dataset digest) and what the store already holds."""
     from fedbench.data.sources import load_dataset
-    digests = {}
+    from fedbench.runner import identity_digest
+    digests, backbones = {}, {}
     jobs = []
     for cfg in sweep.configs:
         if cfg.dataset not in digests:
             digests[cfg.dataset] = load_dataset(cfg.dataset, data_dir).digest
-        run_id = cfg.run_hash(digests[cfg.dataset])
+        run_id = cfg.run_hash(identity_digest(cfg, digests[cfg.dataset], data_dir, backbones))
         job = Job(cfg, run_id)
         if store.status(run_id) == "complete":
             job.state = "skipped"

@@ -75,6 +75,18 @@ BAD = [
     (["--adapter", "big"], "--adapter (method fedlora) got 'big'"),
     (["--eval-every", "0"], "--eval-every (run) must be >= 1"),
     (["--share-low", "0.7"], "--share-low (run) must be < 0.6"),
+    # the federated-LoRA family (a seeded random backbone: no pretraining cache needed)
+    (["--method", "fedit", "--backbone-init", "random", "--rank", "1000"],
+     "--rank 1000 exceeds what layer blocks.0.attn.q_proj allows: min(d_in, d_out) = 128"),
+    (["--method", "fedit", "--backbone-init", "random", "--targets", "query"], "no linear or convolution layer named 'query'"),
+    (["--method", "fedit", "--backbone", "vgg"], "--backbone (method fedit) got 'vgg'; choose from: vit, resnet"),
+    (["--method", "hetlora", "--clients", "5", "--ranks", "2,4,8"], "--ranks gives 3 ranks for --clients 5"),
+    (["--method", "hetlora", "--ranks", "2,x"], "--ranks '2,x': expected integers"),
+    (["--method", "fedit", "--ranks", "cycle:2,8"], "method fedit needs one rank for all clients"),
+    (["--method", "fedit", "--model-path", "/no/such/ckpt.safetensors"], "/no/such/ckpt"),
+    (["--method", "fedit", "--backbone-init", "random", "--model-path", "x.pt"], "exclude each other"),
+    (["--optimizer", "adam"], "--optimizer (run) got 'adam'; choose from: sgd, adamw"),
+    (["--lr-schedule", "cosine", "--lr-min", "0.5"], "--lr-min 0.5 exceeds --lr 0.01"),
 ]
 
 

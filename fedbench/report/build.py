@@ -10,7 +10,7 @@ from pathlib import Path
 from fedbench.errors import ConfigError
 from fedbench.report import plots
 from fedbench.report.frame import add_names, run_frame
-from fedbench.report.tables import accuracy_table, cost_table
+from fedbench.report.tables import accuracy_table, cost_table, error_table, global_accuracy_table
 
 FORMATS = {"md": "to_markdown", "html": "to_html", "tex": "to_latex", "csv": "to_csv"}
 
@@ -24,7 +24,9 @@ def build_report(store, out: Path, stat: str = "last10", weighting: str = "unwei
         raise ConfigError(f"no complete runs in {store.path}" + (f" for {what}" if what else ""))
     df = add_names(df)
     out.mkdir(parents=True, exist_ok=True)
-    tables = [accuracy_table(df, stat, weighting), cost_table(df, target, focus)]
+    tables = [accuracy_table(df, stat, weighting), global_accuracy_table(df, stat), cost_table(df, target, focus),
+              error_table(df)]
+    tables = [t for t in tables if t is not None]
     written = []
     for t in tables:
         for ext, fn in FORMATS.items():
@@ -32,8 +34,9 @@ def build_report(store, out: Path, stat: str = "last10", weighting: str = "unwei
             p.write_text(getattr(t, fn)())
             written.append(p)
     pngs = (plots.accuracy_curves(df, curves, out, weighting) + plots.accuracy_vs_cost(df, out)
-            + plots.rank_mu_heatmaps(df, out) + plots.accuracy_vs_clients(df, out))
-    df.drop(columns=[]).to_csv(out / "runs.csv", index=False)
+            + plots.rank_mu_heatmaps(df, out) + plots.accuracy_vs_clients(df, out)
+            + plots.global_accuracy_curves(df, curves, out) + plots.metric_curves(df, out))
+    df.drop(columns=["metric_curves"]).to_csv(out / "runs.csv", index=False)
     command = command or "fedbench " + " ".join(sys.argv[1:])
     header = (f"# fedbench report\n\nMade by: `{command}`\n\nStore: `{store.path}` · {len(df)} complete runs"
               f"{f' · sweep {sweep}' if sweep else ''} · per-run rows in `runs.csv` (run ids, exact commands).\n")

@@ -18,12 +18,17 @@ import json
 import numpy as np
 import pandas as pd
 
-from fedbench.summary import accuracy_series
+from fedbench.summary import accuracy_series, global_accuracy_series
 
 STATISTICS = ("last", "best", "last10")
 WEIGHTINGS = ("unweighted", "weighted")
 # config keys that never define a setting: the method, the seed, and evaluation-only knobs
 NOT_SETTING = {"method", "seed", "eval_batch_size", "eval_every", "method_params"}
+# method hyper-parameters that define a setting rather than a method variant (the federated-LoRA family's
+# client ranks: homogeneous vs heterogeneous is the setting, every method of the family has the option)
+SETTING_HPARAMS = ("hp_ranks",)
+# per-round metrics drawn and tabled by the report (spec §5)
+REPORT_METRICS = ("agg_deviation", "fedit_factor_error_rel", "energy_ratio_rmin")
 
 
 def statistic(series: np.ndarray, stat: str) -> float:
@@ -62,7 +67,14 @@ def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target
         rounds = store.rounds(r["run_id"])
         acc = accuracy_series(cr)
         col = "acc_mean" if weighting == "unweighted" else "acc_weighted"
-        curves[r["run_id"]] = acc.rename(columns={col: "accuracy"})[["round", "accuracy"]]
+        curve = acc.rename(columns={col: "accuracy"})[["round", "accuracy"]]
+        rm = store.round_metrics(r["run_id"])
+        glob = global_accuracy_series(rm)
+        metric_wide = rm.pivot(index="round", columns="name", values="value") if not rm.empty else pd.DataFrame()
+        curve = curve.merge(glob.rename("global_accuracy").reset_index(), on="round", how="left") \
+            if len(glob) else curve.assign(global_accuracy=np.nan)
+        curves[r["run_id"]] = curve
+        metric_curves = {m: metric_wide[m].dropna() for m in REPORT_METRICS if m in metric_wide}
         n_rounds = max(int(rounds["round"].max()), 1)
         per_round = cr.groupby("round")[["bytes_up", "bytes_down", "train_macs"]].sum().mean()
         reached = acc[acc["acc_mean"] >= target]["round"] if target is not None else pd.Series(dtype=int)
@@ -73,12 +85,16 @@ def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target
             run_id=r["run_id"], label=r["label"], command=_reproduce(cfg, r["command"]), invocation=r["command"],
             sweep=r["sweep"],
             accuracy=statistic(acc[col].to_numpy(dtype=float), stat),
+            global_accuracy=statistic(glob.to_numpy(dtype=float), stat) if len(glob) else np.nan,
             bytes_up_round=float(per_round["bytes_up"]), bytes_down_round=float(per_round["bytes_down"]),
             client_tflop_round=2 * float(per_round["train_macs"]) / 1e12,
             server_tflop_round=2 * float(rounds["server_macs"].sum()) / 1e12 / n_rounds,
             rounds_to_target=rtt, wall_s=float(rounds["wall_s"].sum()),
         )
         row["bytes_round"] = row["bytes_up_round"] + row["bytes_down_round"]
+        for m, v in metric_curves.items():
+            row[f"{m}_mean"], row[f"{m}_last"] = float(v.mean()), float(v.iloc[-1])
+        row["metric_curves"] = metric_curves
         if rtt is not None:
             row["bytes_to_target"] = row["bytes_round"] * rtt
             row["tflop_to_target"] = row["client_tflop_round"] * rtt
@@ -89,7 +105,7 @@ def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target
 def variant_columns(df: pd.DataFrame) -> list[str]:
     """Method hyper-parameters that vary within some method: they name method variants."""
     out = []
-    for c in [c for c in df.columns if c.startswith("hp_")]:
+    for c in [c for c in df.columns if c.startswith("hp_") and c not in SETTING_HPARAMS]:
         if df.groupby("method")[c].nunique(dropna=True).max() > 1:
             out.append(c)
     return out
@@ -99,6 +115,7 @@ def setting_columns(df: pd.DataFrame) -> list[str]:
     """Core options (not method hyper-parameters) that vary across the runs: they define settings."""
     from fedbench.config import CORE_FIELDS
     cols = [k for k in CORE_FIELDS if k not in NOT_SETTING and k in df.columns and df[k].nunique(dropna=False) > 1]
+    cols += [k for k in SETTING_HPARAMS if k in df.columns and df[k].fillna("").nunique() > 1]
     return cols or ["dataset"]
 
 
@@ -114,7 +131,8 @@ def add_names(df: pd.DataFrame) -> pd.DataFrame:
         return r["method"] + (f" ({', '.join(extras)})" if extras else "")
 
     def setting(r):
-        return ", ".join(f"{k}={show(r[k])}" for k in setting_columns(df))
+        return ", ".join(f"{k.removeprefix('hp_')}={show(r[k]) if pd.notna(r[k]) and r[k] != '' else 'homogeneous'}"
+                         for k in setting_columns(df))
 
     df["variant"] = df.apply(name, axis=1)
     df["setting"] = df.apply(setting, axis=1)

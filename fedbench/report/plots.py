@@ -108,3 +108,50 @@ def accuracy_vs_clients(df: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
     return [_save(fig, out / "accuracy_vs_clients.png")]
+
+
+def metric_curves(df: pd.DataFrame, out: Path, metric: str = "agg_deviation",
+                  ylabel: str = "aggregation error D_t (relative)") -> list[Path]:
+    """A per-round metric (default: the aggregation error D_t), band over seeds, one panel per setting."""
+    rows = []
+    for _, r in df.iterrows():
+        c = (r.get("metric_curves") or {}).get(metric)
+        if c is None or len(c) == 0:
+            continue
+        rows.append(pd.DataFrame({"round": c.index, "value": c.to_numpy(), "variant": r["variant"],
+                                  "setting": r["setting"]}))
+    if not rows:
+        return []
+    long = pd.concat(rows)
+    settings = list(dict.fromkeys(long["setting"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
+    for ax, s in zip(axes[0], settings, strict=True):
+        sns.lineplot(data=long[long["setting"] == s], x="round", y="value", hue="variant", errorbar="sd", ax=ax)
+        ax.set_title(s, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    return [_save(fig, out / f"{metric}_rounds.png")]
+
+
+def global_accuracy_curves(df: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
+    rows = []
+    for _, r in df.iterrows():
+        c = curves[r["run_id"]]
+        if "global_accuracy" not in c or c["global_accuracy"].notna().sum() == 0:
+            continue
+        c = c.dropna(subset=["global_accuracy"]).copy()
+        c["variant"], c["setting"] = r["variant"], r["setting"]
+        rows.append(c)
+    if not rows:
+        return []
+    long = pd.concat(rows)
+    long["global_accuracy"] *= 100
+    settings = list(dict.fromkeys(long["setting"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
+    for ax, s in zip(axes[0], settings, strict=True):
+        sns.lineplot(data=long[long["setting"] == s], x="round", y="global_accuracy", hue="variant", errorbar="sd",
+                     ax=ax)
+        ax.set_title(s, fontsize=8)
+        ax.set_ylabel("global-model accuracy (%), union of test splits")
+        ax.legend(fontsize=7)
+    return [_save(fig, out / "global_accuracy_rounds.png")]

@@ -79,11 +79,48 @@ def _seeds_agg(values: pd.Series) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-def accuracy_table(df: pd.DataFrame, stat: str, weighting: str, alpha: float = 0.05) -> Table:
+STAT_NAMES = {"last": "last evaluated round", "best": "best round", "last10": "mean of the last 10 evaluations"}
+
+
+def global_accuracy_table(df: pd.DataFrame, stat: str, alpha: float = 0.05) -> Table | None:
+    """The global model (methods that have one) on the union of the clients' test splits."""
+    if "global_accuracy" not in df or df["global_accuracy"].notna().sum() == 0:
+        return None
+    t = accuracy_table(df, stat, "unweighted", alpha, column="global_accuracy")
+    t.name = "global_accuracy"
+    t.caption = (f"Global-model accuracy (%) on the union of all clients' test splits (one pooled accuracy, "
+                 f"sample-weighted by construction), {STAT_NAMES[stat]}; mean ± std over seeds (n); – : the method "
+                 f"has no global model (personalised or local-only). Bold: best per setting; †: not significantly "
+                 f"different from the best (Welch's t-test, p ≥ {alpha}).")
+    return t
+
+
+def error_table(df: pd.DataFrame) -> Table | None:
+    """Aggregation error per round (spec §5), mean over rounds and at the last round, mean over seeds."""
+    if "agg_deviation_mean" not in df or df["agg_deviation_mean"].notna().sum() == 0:
+        return None
+    cols = [("agg_deviation_mean", "D_t mean over rounds"), ("agg_deviation_last", "D_t last round"),
+            ("fedit_factor_error_rel_mean", "FedIT factor error (rel.), mean"),
+            ("energy_ratio_rmin_mean", "energy in top r_min, mean")]
+    cols = [(c, h) for c, h in cols if c in df]
+    t = Table("aggregation_error",
+              "Aggregation error: D_t = ||W_glob^{t+1} - sum p_i W_i^{t,end}||_F / ||sum p_i (W_i^{t,end} - "
+              "W_glob^t)||_F over all adapted matrices (spec §5.2; 0 = the server keeps the exact FedAvg of the "
+              "clients' effective weights), mean over seeds; – : not defined (no global model).",
+              ["method", "setting"] + [h for _, h in cols])
+    g = df.groupby(["setting", "variant"], sort=False)[[c for c, _ in cols]].mean().reset_index()
+    for _, r in g.iterrows():
+        t.rows.append([Cell(r["variant"]), Cell(r["setting"])]
+                      + [Cell("–" if not np.isfinite(r[c]) else f"{r[c]:.4f}") for c, _ in cols])
+    return t
+
+
+def accuracy_table(df: pd.DataFrame, stat: str, weighting: str, alpha: float = 0.05,
+                   column: str = "accuracy") -> Table:
     """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best."""
     settings = list(dict.fromkeys(df["setting"]))
     variants = list(dict.fromkeys(df.sort_values(["method", "variant"])["variant"]))
-    stat_name = {"last": "last evaluated round", "best": "best round", "last10": "mean of the last 10 evaluations"}[stat]
+    stat_name = STAT_NAMES[stat]
     t = Table("accuracy",
               f"Mean local test accuracy (%) over all clients, {weighting} over clients, {stat_name}; "
               f"mean ± std over seeds (n). Bold: best per setting; †: not significantly different from the best "
@@ -92,7 +129,7 @@ def accuracy_table(df: pd.DataFrame, stat: str, weighting: str, alpha: float = 0
     cells = {}
     for s in settings:
         sub = df[df["setting"] == s]
-        groups = {v: sub[sub["variant"] == v]["accuracy"] * 100 for v in variants}
+        groups = {v: sub[sub["variant"] == v][column] * 100 for v in variants}
         aggs = {v: _seeds_agg(g) for v, g in groups.items()}
         valid = {v: a for v, a in aggs.items() if a[2] > 0}
         best = max(valid, key=lambda v: valid[v][0]) if valid else None
