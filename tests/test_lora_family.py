@@ -262,33 +262,25 @@ def test_fedsa_keeps_b_local_and_has_no_global_model():
     assert not torch.equal(bs[0], bs[1])  # each client's own B
 
 
-def test_meter_equals_flop_counter_on_a_vit_lora_training_step():
+def _meter_and_flop_counter(sim) -> tuple[int, dict]:
+    """(fedbench FLOPs, FlopCounterMode's counts) of one training step of client 0."""
     from torch.utils.flop_counter import FlopCounterMode
-    for targets in ("attn", "attn-mlp"):
-        sim = lora_sim("fedit", targets=targets)
-        c, m = sim.clients[0], sim.method
-        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-        with sim.meter.scope("warm", "train"):
-            F.cross_entropy(m.forward(c, x), y).backward()
-        sim.meter.take()
-        with sim.meter.scope(0, "train"), FlopCounterMode(display=False) as fc:
-            F.cross_entropy(m.forward(c, x), y).backward()
-        ours = 2 * sim.meter.take()[(0, "train")]
-        assert ours == fc.get_total_flops(), targets
-        assert fc.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0) > 0  # attention matmuls were there
-
-
-def test_meter_equals_flop_counter_on_a_resnet_conv_lora_step():
-    from torch.utils.flop_counter import FlopCounterMode
-    sim = lora_sim("fedit", backbone="resnet", targets="conv")
     c, m = sim.clients[0], sim.method
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    with sim.meter.scope("warm", "train"):
+    with sim.meter.scope("warm", "train"):  # fvcore traces each layer shape once, outside the count
         F.cross_entropy(m.forward(c, x), y).backward()
     sim.meter.take()
     with sim.meter.scope(0, "train"), FlopCounterMode(display=False) as fc:
         F.cross_entropy(m.forward(c, x), y).backward()
-    assert 2 * sim.meter.take()[(0, "train")] == fc.get_total_flops()
+    return 2 * sim.meter.take()[(0, "train")], fc
+
+
+@pytest.mark.parametrize("backbone,targets", [("vit", "attn"), ("vit", "attn-mlp"), ("resnet", "conv")])
+def test_meter_equals_flop_counter_on_a_lora_training_step(backbone, targets):
+    ours, fc = _meter_and_flop_counter(lora_sim("fedit", backbone=backbone, targets=targets))
+    assert ours == fc.get_total_flops()
+    if backbone == "vit":  # the attention matmuls were there and counted
+        assert fc.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0) > 0
 
 
 def test_lora_layer_matches_peft_when_installed():
@@ -349,3 +341,60 @@ def test_find_targets_sizes():
     assert all(t.d_in == t.d_out == 128 for t in ts)
     cs = find_targets(build_backbone("resnet", 10), "conv")
     assert all(t.kind == "conv" and t.d_in == t.conv[0] * 9 for t in cs)
+
+
+@pytest.fixture(scope="module")
+def fabricated_cache(tmp_path_factory):
+    """A data dir with small fabricated cifar100/cifar10 archives and the ViT pretrained on them with the
+    default recipe (seconds at this size): what `fedbench run` finds as its cache."""
+    import numpy as np
+
+    from fedbench.pretrain import pretrain
+    d = tmp_path_factory.mktemp("lora-data")
+    rng = np.random.default_rng(3)
+    for name, k, n in (("cifar100", 100, 300), ("cifar10", 10, 400)):
+        templates = rng.integers(30, 225, size=(k, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2)
+        y = np.arange(n) % k
+        x = np.clip(templates[y] + rng.normal(0, 30, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+        np.savez(d / f"{name}.npz", x_train=x, y_train=y, x_test=x[::4], y_test=y[::4])
+    info = pretrain("vit", d, device="cpu")
+    return d, info
+
+
+def _cli_one_line_exit2(capsys, args):
+    from fedbench.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("fedbench: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_runs_on_the_cache_and_refuses_a_corrupt_or_foreign_one(fabricated_cache, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    from fedbench.cli import main
+    from fedbench.pretrain import cache_paths, seeded_backbone
+    src, info = fabricated_cache
+    d = tmp_path / "data"
+    shutil.copytree(src, d)
+    store = tmp_path / "r.sqlite"
+    run = ["run", "--method", "fedit", "--dataset", "cifar10", "--partition", "iid", "--clients", "4", "--rounds", "1",
+           "--local-steps", "1", "--batch-size", "16", "--data-dir", str(d), "--results", str(store), "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        main(run)
+    assert e.value.code == 0
+    capsys.readouterr()
+    digest = hashlib.sha256(store.read_bytes()).hexdigest()
+    weights, _ = cache_paths("vit", d, info.key)
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    assert "corrupt" in _cli_one_line_exit2(capsys, run + ["--force"])
+    other = tmp_path / "resnet.pt"
+    torch.save(seeded_backbone("resnet", 100, 0).state_dict(), other)
+    assert str(other) in _cli_one_line_exit2(capsys, run + ["--model-path", str(other)])
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == digest  # nothing stored changed

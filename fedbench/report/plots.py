@@ -20,6 +20,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _line_panels(long: pd.DataFrame, y: str, ylabel: str, path: Path) -> list[Path]:
+    """One panel per setting: ``y`` against round, one line per variant with a band (sd) over seeds."""
+    settings = list(dict.fromkeys(long["setting"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
+    for ax, s in zip(axes[0], settings, strict=True):
+        sns.lineplot(data=long[long["setting"] == s], x="round", y=y, hue="variant", errorbar="sd", ax=ax)
+        ax.set_title(s, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    return [_save(fig, path)]
+
+
 def accuracy_curves(df: pd.DataFrame, curves: dict, out: Path, weighting: str) -> list[Path]:
     rows = []
     for _, r in df.iterrows():
@@ -30,14 +42,7 @@ def accuracy_curves(df: pd.DataFrame, curves: dict, out: Path, weighting: str) -
         return []
     long = pd.concat(rows)
     long["accuracy"] *= 100
-    settings = list(dict.fromkeys(long["setting"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
-    for ax, s in zip(axes[0], settings, strict=True):
-        sns.lineplot(data=long[long["setting"] == s], x="round", y="accuracy", hue="variant", errorbar="sd", ax=ax)
-        ax.set_title(s, fontsize=8)
-        ax.set_ylabel(f"mean local test accuracy (%), {weighting}")
-        ax.legend(fontsize=7)
-    return [_save(fig, out / "accuracy_rounds.png")]
+    return _line_panels(long, "accuracy", f"mean local test accuracy (%), {weighting}", out / "accuracy_rounds.png")
 
 
 def pareto_mask(cost: np.ndarray, acc: np.ndarray) -> np.ndarray:
@@ -122,15 +127,7 @@ def metric_curves(df: pd.DataFrame, out: Path, metric: str = "agg_deviation",
                                   "setting": r["setting"]}))
     if not rows:
         return []
-    long = pd.concat(rows)
-    settings = list(dict.fromkeys(long["setting"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
-    for ax, s in zip(axes[0], settings, strict=True):
-        sns.lineplot(data=long[long["setting"] == s], x="round", y="value", hue="variant", errorbar="sd", ax=ax)
-        ax.set_title(s, fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    return [_save(fig, out / f"{metric}_rounds.png")]
+    return _line_panels(pd.concat(rows), "value", ylabel, out / f"{metric}_rounds.png")
 
 
 def global_accuracy_curves(df: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
@@ -146,12 +143,5 @@ def global_accuracy_curves(df: pd.DataFrame, curves: dict, out: Path) -> list[Pa
         return []
     long = pd.concat(rows)
     long["global_accuracy"] *= 100
-    settings = list(dict.fromkeys(long["setting"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
-    for ax, s in zip(axes[0], settings, strict=True):
-        sns.lineplot(data=long[long["setting"] == s], x="round", y="global_accuracy", hue="variant", errorbar="sd",
-                     ax=ax)
-        ax.set_title(s, fontsize=8)
-        ax.set_ylabel("global-model accuracy (%), union of test splits")
-        ax.legend(fontsize=7)
-    return [_save(fig, out / "global_accuracy_rounds.png")]
+    return _line_panels(long, "global_accuracy", "global-model accuracy (%), union of test splits",
+                        out / "global_accuracy_rounds.png")
