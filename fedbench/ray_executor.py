@@ -161,7 +161,7 @@ class RayExecutor(Executor):
             for ref in gen:
                 kind, payload = self.ray.get(ref)
                 if kind in ("done", "error") and self._gens.get(job.run_id) is gen:
-                    del self._gens[job.run_id]
+                    self._gens.pop(job.run_id, None)
                 self._post(job, attempt, kind, payload)
                 if kind in ("done", "error"):
                     return

@@ -54,22 +54,37 @@ RESULTS = ("SELECT r.run_id, r.round, r.acc_mean, r.acc_weighted, r.server_macs,
            "FROM rounds r JOIN client_rounds c USING (run_id, round) ORDER BY r.run_id, r.round, c.client")
 
 
-def test_local_and_ray_executors_give_identical_metrics(cluster, tmp_path, capsys):
-    c, _ = cluster
+def _through_both(c, tmp_path, capsys, text: str, *args: str) -> tuple[list, list]:
+    """The same sweep through the local executor (2 jobs) and the cluster, 1 thread per run: their stores."""
     grid = tmp_path / "grid.toml"
-    grid.write_text(SMALL)
+    grid.write_text(text)
     local, remote = tmp_path / "local.sqlite", tmp_path / "ray.sqlite"
     for res, extra in ((local, ["--jobs", "2"]), (remote, ["--executor", "ray", "--address", c.address])):
         with pytest.raises(SystemExit) as e:
-            main(["sweep", str(grid), "--results", str(res), "--threads", "1", *extra])
+            main(["sweep", str(grid), "--results", str(res), "--threads", "1", *args, *extra])
         assert e.value.code == 0, capsys.readouterr().err[-2000:]
-    a, b = _rows(local, RESULTS), _rows(remote, RESULTS)
-    assert len(a) == 3 * 2 * 5 and a == b
     meta = "SELECT run_id, status, config_json, versions_json, device, command FROM runs ORDER BY run_id"
     assert _rows(local, meta) == _rows(remote, meta)
+    return local, remote
+
+
+def test_local_and_ray_executors_give_identical_metrics(cluster, tmp_path, capsys):
+    local, remote = _through_both(cluster[0], tmp_path, capsys, SMALL)
+    a, b = _rows(local, RESULTS), _rows(remote, RESULTS)
+    assert len(a) == 3 * 2 * 5 and a == b
     # a fresh worker process per run (max_calls=1), the plugin methods (entry points) loaded on each
     started = _rows(remote, "SELECT detail FROM claim_log WHERE event = 'started'")
     assert len(started) == 3 and len({d for (d,) in started}) == 3 and all("(ray)" in d for (d,) in started)
+
+
+@pytest.mark.nightly
+def test_local_and_ray_identical_on_real_cifar10(cluster, real_data_dir, tmp_path, capsys):
+    """Real CIFAR-10 (10 clients, 2 rounds): the driver puts the archive in the object store."""
+    text = ('[base]\ndataset = "cifar10"\nclients = 10\nrounds = 2\n'
+            '[axes]\nmethod = ["fedlora", "standalone"]\n')
+    local, remote = _through_both(cluster[0], tmp_path, capsys, text, "--data-dir", str(real_data_dir))
+    a = _rows(local, RESULTS)
+    assert len(a) == 2 * 2 * 10 and a == _rows(remote, RESULTS)
 
 
 def test_bad_ray_options_exit_2_store_untouched(cluster, tmp_path, capsys):
