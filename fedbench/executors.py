@@ -144,7 +144,7 @@ class LocalExecutor(Executor):
         return self.jobs
 
     def describe(self) -> str:
-        return f"{self.jobs} at a time ({self.settings.threads} threads each)"
+        return f"{self.jobs} at a time, {self.settings.threads} torch thread(s) each"
 
     def submit(self, job) -> None:
         s = self.settings

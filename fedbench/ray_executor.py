@@ -139,9 +139,9 @@ class RayExecutor(Executor):
         return self._cap
 
     def describe(self) -> str:
-        gpus = f", {self.gpus:g} GPUs" if self.gpus else ""
-        return (f"up to {self.capacity()} at a time ({self.cpus:g} CPUs{gpus}, {self.settings.threads} threads "
-                f"per run)")
+        gpus = f", {self.gpus:g} GPU" if self.gpus else ""
+        return (f"up to {self.capacity()} at a time, {self.cpus:g} CPU{gpus} and {self.settings.threads} torch "
+                f"thread(s) per run")
 
     def _dataset(self, name: str):
         if name not in self._data:
