@@ -162,8 +162,8 @@ def _device_type(device: str) -> str:
 
 def run(**kw):
     """Train one federated run, store it round by round, print accuracy, bytes and FLOPs."""
-    from fedbench.runner import execute, prepare, stored_summary
-    from fedbench.store import Store, check_results_path
+    from fedbench.runner import claim_or_wait, execute, prepare, stored_summary
+    from fedbench.store import ClaimLost, Store, check_results_path
 
     run_only = {k: kw.pop(k) for k in RUN_ONLY}
     if run_only["device"] not in ("auto", "cpu", "cuda"):
@@ -178,8 +178,14 @@ def run(**kw):
             err.print(f"run {p.run_id} is already complete in {results}; showing the stored result "
                       f"(--force runs it again)")
             s = stored_summary(store, p.run_id)
+        elif not claim_or_wait(store, p.run_id, run_only["force"], lambda m: err.print(m, markup=False)):
+            err.print(f"run {p.run_id} was completed by another process; showing the stored result")
+            s = stored_summary(store, p.run_id)
         else:
             s = _execute_with_progress(p, store, execute, quiet=run_only["quiet"] or run_only["json_out"])
+    except ClaimLost as e:
+        err.print(f"fedbench: {e}: this process's lease went stale and the run was taken over", markup=False)
+        raise typer.Exit(1) from None
     finally:
         store.close()
     if run_only["json_out"]:
@@ -307,22 +313,44 @@ def sweep_cmd(
     axis: list[str] = typer.Option([], "--axis", help="KEY=V1,V2 axis (repeatable); paired: clients,fraction=10:1.0,50:0.2"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep name recorded with its runs"),
     results: Path = typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="runs at a time, each in its own process"),
-    threads: int = typer.Option(0, "--threads", help="torch threads per run (0 = cores / jobs)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="runs at a time, each in its own process "
+                                       "(local: default 1; ray: default as many as the cluster's resources hold)"),
+    threads: int = typer.Option(0, "--threads", help="torch threads per run (0 = cores / jobs; ray: cpus per run)"),
     data_dir: Optional[Path] = RUN_ONLY["data_dir"][1],
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (ray: auto = cuda if --gpus-per-run > 0)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would run and exit"),
+    executor: str = typer.Option("local", "--executor", help="local (processes on this machine) or ray (tasks "
+                                 "on a Ray cluster; pip install 'fedbench[ray]')"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: cluster address (auto, HOST:PORT or "
+                                          "ray://HOST:PORT); default $RAY_ADDRESS, else a local Ray on this machine"),
+    cpus_per_run: Optional[float] = typer.Option(None, "--cpus-per-run", help="ray: CPUs a run reserves (default 1)"),
+    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="ray: GPUs a run reserves, fractional "
+                                                 "to share one (0.25: four runs per GPU; default 0)"),
+    retries: int = typer.Option(2, "--retries", help="times a run whose worker or node died is tried again"),
 ):
     """Run a grid of configs resumably: complete runs are skipped by config hash."""
     from fedbench.store import Store, check_results_path
     from fedbench.sweep import parse_sweep, plan
 
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {threads}")
+    if retries < 0:
+        raise ConfigError(f"--retries must be >= 0, got {retries}")
     if device not in ("auto", "cpu", "cuda"):
         raise choice_error("--device", device, ("auto", "cpu", "cuda"))
+    if executor not in ("local", "ray"):
+        raise choice_error("--executor", executor, ("local", "ray"))
+    if executor == "ray":  # the runs' device is the workers' (the driver may have no GPU)
+        from fedbench.ray_executor import check_ray_options
+        device = check_ray_options(device, cpus_per_run, gpus_per_run)
+        device_type = device
+    else:
+        device_type = None
+        for opt, v in (("--address", address), ("--cpus-per-run", cpus_per_run), ("--gpus-per-run", gpus_per_run)):
+            if v is not None:
+                raise ConfigError(f"{opt} is an option of --executor ray")
     if file is None and not axis and not base:
         raise ConfigError("give a sweep FILE or --axis/--base options")
     if file is not None:
@@ -336,9 +364,9 @@ def sweep_cmd(
         extra = _grid_from_cli(base, axis)
         doc.setdefault("base", {}).update(extra["base"])
         doc.setdefault("axes", {}).update(extra["axes"])
-        sw = parse_sweep(doc, str(file), _device_type(device))
+        sw = parse_sweep(doc, str(file), device_type or _device_type(device))
     else:
-        sw = parse_sweep(_grid_from_cli(base, axis), "command line", _device_type(device))
+        sw = parse_sweep(_grid_from_cli(base, axis), "command line", device_type or _device_type(device))
     if name:
         sw.name = name
     check_results_path(results)
@@ -348,33 +376,53 @@ def sweep_cmd(
             out.print(config_to_cli(cfg), markup=False)
         out.print(f"{len(sw.configs)} runs ({sw.dropped} duplicate points merged)")
         return
-    store = Store(results)
-    try:
-        jobs_list = plan(sw, store, data_dir)
-    finally:
-        store.close()
-    todo = [j for j in jobs_list if j.state == "pending"]
     if dry_run:
+        store = Store(results)
+        try:
+            jobs_list = plan(sw, store, data_dir)
+        finally:
+            store.close()
+        todo = [j for j in jobs_list if j.state == "pending"]
         from fedbench.config import config_to_cli
         for j in jobs_list:
             out.print(f"{'skip (complete)' if j.state == 'skipped' else 'run':16} {j.run_id}  {config_to_cli(j.cfg)}",
                       markup=False)
         out.print(f"{len(todo)} to run, {len(jobs_list) - len(todo)} complete in {results}")
         return
+    if executor == "ray":  # connect (and check the cluster can hold a run) before the store is touched
+        from fedbench.ray_executor import RayExecutor
+        runner = RayExecutor(address, cpus_per_run or 1.0, gpus_per_run or 0.0, jobs, threads, device, data_dir)
+    else:
+        from fedbench.executors import LocalExecutor
+        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir)
+    try:
+        store = Store(results)
+        try:
+            jobs_list = plan(sw, store, data_dir)
+        finally:
+            store.close()
+    except BaseException:
+        runner.close()
+        raise
+    todo = [j for j in jobs_list if j.state == "pending"]
     err.print(f"sweep {sw.name}: {len(jobs_list)} runs, {len(jobs_list) - len(todo)} already complete, "
-              f"{len(todo)} to run with {jobs} at a time")
-    final = _sweep_with_progress(jobs_list, results, data_dir, device, sw.name, jobs, threads)
+              f"{len(todo)} to run with {runner.describe()} ({runner.name})")
+    final = _sweep_with_progress(jobs_list, results, runner, sw.name, retries)
     failed = [j for j in final if j.state == "failed"]
     for j in failed:
         err.print(f"failed {j.run_id}: {j.error}", markup=False)
     done = sum(j.state == "done" for j in final)
-    out.print(f"sweep {sw.name}: {done} run, {sum(j.state == 'skipped' for j in final)} skipped, {len(failed)} failed; "
+    out.print(f"sweep {sw.name}: {done} run, {sum(j.state == 'skipped' for j in final)} skipped, "
+              f"{sum(j.state == 'elsewhere' for j in final)} by another process, {len(failed)} failed; "
               f"results in {results}")
     if failed:
         raise typer.Exit(1)
 
 
-def _sweep_with_progress(jobs_list, results, data_dir, device, name, n_jobs, threads=0):
+SWEEP_STATES = ("done", "running", "waiting", "failed", "pending", "skipped", "elsewhere")
+
+
+def _sweep_with_progress(jobs_list, results, runner, name, retries):
     import time as _time
 
     from rich.live import Live
@@ -384,18 +432,17 @@ def _sweep_with_progress(jobs_list, results, data_dir, device, name, n_jobs, thr
     start = _time.time()
 
     def view(js):
-        c = {s: sum(j.state == s for j in js) for s in ("pending", "running", "done", "failed", "skipped")}
+        c = {s: sum(j.state == s for j in js) for s in SWEEP_STATES}
         done_s = [j.seconds for j in js if j.state == "done"]
         eta = ""
         if done_s:
-            left = c["pending"] + c["running"]
-            eta = f"  ETA {sum(done_s) / len(done_s) * left / n_jobs / 60:.1f} min"
-        return (f"sweep {name}: done {c['done']}  running {c['running']}  failed {c['failed']}  "
-                f"pending {c['pending']}  skipped {c['skipped']}  elapsed {(_time.time() - start) / 60:.1f} min{eta}")
+            left = c["pending"] + c["running"] + c["waiting"]
+            eta = f"  ETA {sum(done_s) / len(done_s) * left / max(1, runner.capacity()) / 60:.1f} min"
+        counts = "  ".join(f"{s} {c[s]}" for s in SWEEP_STATES if c[s] or s in ("done", "running", "pending"))
+        return f"sweep {name}: {counts}  elapsed {(_time.time() - start) / 60:.1f} min{eta}"
 
     with Live(view(jobs_list), console=err, refresh_per_second=2, transient=False) as live:
-        return execute_sweep(jobs_list, results, data_dir, device, name, n_jobs,
-                             on_change=lambda js: live.update(view(js)), threads=threads)
+        return execute_sweep(jobs_list, results, runner, name, retries, on_change=lambda js: live.update(view(js)))
 
 
 @app.command("report")

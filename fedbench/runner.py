@@ -1,11 +1,22 @@
-"""Glue from a checked RunConfig to a stored run: data -> partition -> engine -> store."""
+"""Glue from a checked RunConfig to a stored run: data -> partition -> engine -> record -> store.
+
+``simulate`` runs the engine into a picklable ``RunRecord`` (what the store needs: the run's header,
+then its rounds as they come); ``persist_start``/``store.write_round``/``store.finish_run`` write it.
+A sweep's workers only simulate and its driver alone persists (fedbench/executors.py); ``execute``
+(``fedbench run``) does both in one process, round by round.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import platform
+import socket
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +27,7 @@ from fedbench.config import RunConfig, method_params_obj
 from fedbench.data.sources import Arrays, load_dataset
 from fedbench.engine.data import FederatedData, build_federated_data
 from fedbench.engine.simulation import RoundResult, Simulation, resolve_device
-from fedbench.store import Store
+from fedbench.store import ClaimLost, Store
 from fedbench.summary import summarize
 
 
@@ -95,26 +106,100 @@ def client_table(p: Prepared, sim: Simulation) -> list[dict]:
              "n_test": c.sizes["test"], "class_counts": counts[c.id].tolist()} for c in sim.clients]
 
 
+@dataclass
+class RunRecord:
+    """One simulated run, picklable: everything ``Store.start_run`` needs, then the engine's rounds
+    as they are (``RoundResult`` objects; fields the engine adds travel with them)."""
+
+    run_id: str
+    cfg: RunConfig
+    label: str
+    data_digest: str
+    partition_digest: str
+    versions: dict
+    device: str
+    clients: list[dict]
+    rounds: list[RoundResult] = field(default_factory=list)
+    worker: str = ""  # host:pid of the process that simulated it
+
+    def header(self) -> RunRecord:
+        """The record without its rounds (what a worker sends before the first round)."""
+        return dataclasses.replace(self, rounds=[])
+
+
+def simulate(p: Prepared, on_start: Callable[[RunRecord], None] | None = None,
+             on_round: Callable[[RoundResult], None] | None = None, prefetch: bool | None = None) -> RunRecord:
+    """Run the engine; ``on_start`` gets the record's header before the first round, ``on_round`` each
+    round as it ends. Touches no store. ``prefetch``: the engine's batch prefetch (None: its default)."""
+    sim = Simulation(p.cfg, p.data, p.device, prefetch=prefetch, backbone=p.backbone)
+    provenance = {"backbone": p.backbone_info} if p.backbone_info else {}
+    rec = RunRecord(p.run_id, p.cfg, p.label, p.arrays.digest, p.data.partition.digest(),
+                    {**versions(), **provenance}, str(p.device), client_table(p, sim),
+                    worker=f"{socket.gethostname()}:{os.getpid()}")
+    if on_start is not None:
+        on_start(rec.header())
+
+    def each(r: RoundResult) -> None:
+        rec.rounds.append(r)
+        if on_round is not None:
+            on_round(r)
+
+    sim.run(each)
+    return rec
+
+
+def persist_start(store: Store, rec: RunRecord, command: str | None, sweep: str | None) -> None:
+    """Create (or reset) the record's run in the store, under the store's claim on it."""
+    store.start_run(rec.run_id, rec.cfg, rec.label, rec.data_digest, rec.partition_digest, rec.versions,
+                    rec.device, command or " ".join(sys.argv), rec.clients, sweep)
+
+
 def execute(p: Prepared, store: Store, on_round: Callable[[RoundResult], None] | None = None,
             command: str | None = None, sweep: str | None = None) -> dict:
-    """Run and store; returns the summary computed back from the stored rows."""
-    sim = Simulation(p.cfg, p.data, p.device, backbone=p.backbone)
-    store.start_run(p.run_id, p.cfg, p.label, p.arrays.digest, p.data.partition.digest(),
-                    {**versions(), **({"backbone": p.backbone_info} if p.backbone_info else {})},
-                    str(p.device), command or " ".join(sys.argv), client_table(p, sim), sweep)
+    """Simulate and store round by round, under the store's claim on the run (taken if free; ``ClaimBusy``
+    if a live process holds it, see ``claim_or_wait``); returns the summary computed back from the stored
+    rows."""
+    started = False
+
+    def start(rec: RunRecord) -> None:
+        nonlocal started
+        persist_start(store, rec, command, sweep)
+        started = True
 
     def write(r: RoundResult) -> None:
         store.write_round(p.run_id, r)
         if on_round is not None:
             on_round(r)
 
-    try:
-        sim.run(write)
-    except BaseException as e:
-        store.finish_run(p.run_id, "failed", f"{type(e).__name__}: {e}")
-        raise
-    store.finish_run(p.run_id, "complete")
+    with store.keep_alive():
+        try:
+            simulate(p, start, write)
+        except BaseException as e:
+            if started:
+                with contextlib.suppress(ClaimLost):  # taken over: the run is another process's now
+                    store.finish_run(p.run_id, "failed", f"{type(e).__name__}: {e}")
+            else:
+                store.release(p.run_id, f"{type(e).__name__}: {e}")
+            raise
+        store.finish_run(p.run_id, "complete")
     return stored_summary(store, p.run_id)
+
+
+def claim_or_wait(store: Store, run_id: str, rerun_complete: bool = False,
+                  say: Callable[[str], None] | None = None, poll: float = 1.0) -> bool:
+    """Claim a run for this process, waiting while another live process (a sweep, another ``fedbench
+    run``) holds it. True: claimed, run it. False: it became complete meanwhile (and ``rerun_complete``
+    is off). A holder that dies is taken over (at once on this host, after the lease elsewhere)."""
+    told = None
+    while True:
+        got = store.claim(run_id, rerun_complete)
+        if got != "busy":
+            return got == "claimed"
+        holder = store.claim_holder(run_id)
+        if holder is not None and holder != told and say is not None:
+            say(f"run {run_id} is being run by {holder}; waiting for it to finish (Ctrl-C to stop waiting)")
+            told = holder
+        time.sleep(poll)
 
 
 def stored_summary(store: Store, run_id: str) -> dict:

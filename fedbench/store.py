@@ -3,14 +3,29 @@
 A run is identified by the hash of its resolved config plus the dataset's content digest. It is
 marked ``complete`` only after its last round is written; an incomplete run is restarted from
 scratch (its partial rows are replaced in one transaction).
+
+Many processes may share one store (two sweeps, a ``fedbench run`` beside a sweep): a run is written
+only under a **claim**, a row of ``claims`` naming its owner (``host:pid:nonce``, one per ``Store``)
+and the owner's last heartbeat. ``claim`` takes a run that is unclaimed, already ours, or whose owner
+is dead: its heartbeat is older than the lease, or it is a process of this host that no longer exists
+(so a SIGKILLed sweep's runs are taken over at once on restart). ``start_run`` (which resets an
+incomplete run) holds the claim, taking it if free and raising ``ClaimBusy`` if a live owner has it;
+``write_round``, ``finish_run`` and ``mark_failed`` check it in the same transaction as their writes
+(``ClaimLost`` if another process took the run over), so a process never overwrites, duplicates or
+fails another's run. ``finish_run`` and ``mark_failed`` release the claim. ``keep_alive`` heartbeats
+a store's claims from a thread; every claim, takeover, start and end is kept in ``claim_log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sqlite3
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -53,8 +68,53 @@ CREATE TABLE IF NOT EXISTS client_metrics (     -- named metrics a method report
     run_id TEXT NOT NULL, round INTEGER NOT NULL, client INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
     PRIMARY KEY (run_id, round, client, name)
 );
+CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT PRIMARY KEY, owner TEXT NOT NULL, heartbeat REAL NOT NULL, claimed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claim_log (
+    run_id TEXT NOT NULL, owner TEXT NOT NULL, event TEXT NOT NULL, detail TEXT, at REAL NOT NULL
+);
 """
 RUN_TABLES = ("runs", "clients", "rounds", "client_rounds", "round_metrics", "client_metrics")
+
+LEASE_S = 60.0      # a claim whose owner has not heartbeaten for this long may be taken over
+HEARTBEAT_S = 5.0   # how often keep_alive refreshes a store's claims
+HOST = socket.gethostname()
+
+
+class ClaimBusy(RuntimeError):
+    """The run is claimed by another live process."""
+
+    def __init__(self, run_id: str, owner: str) -> None:
+        super().__init__(f"run {run_id} is claimed by {owner}")
+        self.run_id, self.owner = run_id, owner
+
+
+class ClaimLost(RuntimeError):
+    """Our claim on the run was taken over (our heartbeat went stale) or released: stop writing it."""
+
+    def __init__(self, run_id: str, owner: str | None) -> None:
+        super().__init__(f"run {run_id} is no longer ours: claimed by {owner or 'nobody'}")
+        self.run_id, self.owner = run_id, owner
+
+
+def new_owner() -> str:
+    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_alive(owner: str, heartbeat: float, lease_s: float, now: float | None = None) -> bool:
+    """Is the claim's owner alive? Its heartbeat is fresh and, on this host, its process exists."""
+    if (time.time() if now is None else now) - heartbeat > lease_s:
+        return False
+    host, pid, _ = (owner.split(":") + ["", ""])[:3]
+    if host == HOST and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's live process
+            pass
+    return True
 
 
 def check_results_path(path: Path) -> None:
@@ -76,12 +136,19 @@ def check_results_path(path: Path) -> None:
         raise ConfigError(f"--results {path}: directory {parent} is not writable")
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    db.execute("PRAGMA busy_timeout = 60000")
+    return db
+
+
 class Store:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, owner: str | None = None, lease_s: float = LEASE_S) -> None:
         self.path = Path(path)
         check_results_path(self.path)
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self.db.execute("PRAGMA busy_timeout = 60000")
+        self.owner = owner or new_owner()
+        self.lease_s = lease_s
+        self.db = _connect(self.path)
         try:
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
@@ -90,8 +157,98 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def _tx(self):
-        return _Tx(self.db)
+    def _tx(self, run_id: str | None = None, hold: bool = False):
+        """A write transaction; with ``run_id``, under our claim on it (``hold``: taken if free)."""
+        return _Tx(self.db, (lambda: self._hold(run_id) if hold else self._check(run_id)) if run_id else None)
+
+    # --- claims -----------------------------------------------------------------------------------
+    def _log(self, run_id: str, event: str, detail: str | None = None) -> None:
+        self.db.execute("INSERT INTO claim_log VALUES (?,?,?,?,?)", (run_id, self.owner, event, detail, time.time()))
+
+    def _hold(self, run_id: str) -> None:
+        """Inside a transaction: make the claim ours (new, refreshed or taken over) or raise ClaimBusy."""
+        now = time.time()
+        row = self.db.execute("SELECT owner, heartbeat FROM claims WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO claims VALUES (?,?,?,?)", (run_id, self.owner, now, now))
+            self._log(run_id, "claimed")
+        elif row[0] == self.owner:
+            self.db.execute("UPDATE claims SET heartbeat = ? WHERE run_id = ?", (now, run_id))
+        elif not owner_alive(row[0], row[1], self.lease_s, now):
+            self.db.execute("UPDATE claims SET owner = ?, heartbeat = ?, claimed_at = ? WHERE run_id = ?",
+                            (self.owner, now, now, run_id))
+            self._log(run_id, "took-over", f"from {row[0]} (heartbeat {now - row[1]:.1f} s ago)")
+        else:
+            raise ClaimBusy(run_id, row[0])
+
+    def _check(self, run_id: str) -> None:
+        """Inside a transaction: the claim must be ours (else ClaimLost); refresh its heartbeat."""
+        cur = self.db.execute("UPDATE claims SET heartbeat = ? WHERE run_id = ? AND owner = ?",
+                              (time.time(), run_id, self.owner))
+        if cur.rowcount != 1:
+            raise ClaimLost(run_id, self.claim_holder(run_id))
+
+    def _release(self, run_id: str, event: str, detail: str | None = None) -> None:
+        self.db.execute("DELETE FROM claims WHERE run_id = ? AND owner = ?", (run_id, self.owner))
+        self._log(run_id, event, detail)
+
+    def claim(self, run_id: str, rerun_complete: bool = False) -> str:
+        """Try to claim a run: "claimed" (ours now), "complete" (nothing to do; not claimed unless
+        ``rerun_complete``) or "busy" (a live process holds it; see ``claim_holder``)."""
+        try:
+            with self._tx():
+                if self.status(run_id) == "complete" and not rerun_complete:
+                    return "complete"
+                self._hold(run_id)
+        except ClaimBusy:
+            return "busy"
+        return "claimed"
+
+    def claim_holder(self, run_id: str) -> str | None:
+        row = self.db.execute("SELECT owner FROM claims WHERE run_id = ?", (run_id,)).fetchone()
+        return row[0] if row else None
+
+    def release(self, run_id: str, detail: str | None = None) -> None:
+        """Give a claim back without finishing the run (it stays incomplete: the next claimer restarts it)."""
+        with self._tx():
+            if self.claim_holder(run_id) == self.owner:
+                self._release(run_id, "released", detail)
+
+    def log_event(self, run_id: str, event: str, detail: str | None = None) -> None:
+        with self._tx():
+            self._log(run_id, event, detail)
+
+    def heartbeat(self) -> int:
+        """Refresh every claim of this store's owner; returns how many it holds."""
+        with self._tx():
+            return self.db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ?",
+                                   (time.time(), self.owner)).rowcount
+
+    @contextlib.contextmanager
+    def keep_alive(self, every: float = HEARTBEAT_S):
+        """Heartbeat this store's claims from a thread (its own connection) while the block runs."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            db = _connect(self.path)
+            try:
+                while not stop.wait(every):
+                    with contextlib.suppress(sqlite3.OperationalError):  # busy past the timeout: next beat
+                        db.execute("UPDATE claims SET heartbeat = ? WHERE owner = ?", (time.time(), self.owner))
+            finally:
+                db.close()
+
+        t = threading.Thread(target=beat, name="fedbench-heartbeat", daemon=True)
+        t.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            t.join()
+
+    def claim_events(self, run_id: str | None = None) -> pd.DataFrame:
+        q = "SELECT * FROM claim_log" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY rowid"
+        return pd.read_sql_query(q, self.db, params=(run_id,) if run_id else ())
 
     # --- runs -------------------------------------------------------------------------------------
     def status(self, run_id: str) -> str | None:
@@ -100,8 +257,9 @@ class Store:
 
     def start_run(self, run_id: str, cfg, label: str, data_digest: str, partition_digest: str,
                   versions: dict, device: str, command: str, clients: list[dict], sweep: str | None = None) -> None:
-        """Create (or reset an incomplete) run with its client table, in one transaction."""
-        with self._tx():
+        """Create (or reset an incomplete) run with its client table, in one transaction, under our
+        claim (taken here if free; ``ClaimBusy`` if a live process holds it)."""
+        with self._tx(run_id, hold=True):
             for table in RUN_TABLES:
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             self.db.execute(
@@ -115,7 +273,7 @@ class Store:
 
     def write_round(self, run_id: str, r) -> None:
         acc_mean, acc_w = r.accuracy()
-        with self._tx():
+        with self._tx(run_id):
             self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?)",
                             (run_id, r.round, r.wall_s, r.train_s, r.eval_s, r.server_macs, int(r.evaluated),
                              acc_mean, acc_w))
@@ -130,9 +288,15 @@ class Store:
                                  for k, v in sorted(getattr(x, "metrics", {}).items())])
 
     def mark_failed(self, run_id: str, cfg, error: str) -> None:
-        """Record a run that failed before (or while) the engine ran it."""
-        with self._tx():
-            if self.status(run_id) is None:
+        """Record a run that failed before (or while) the engine ran it, under our claim (taken here if
+        free), and release the claim. A run complete in the store is left as it is."""
+        with self._tx(run_id, hold=True):
+            status = self.status(run_id)
+            if status == "complete":
+                self._release(run_id, "released", "complete already")
+                return
+            self._release(run_id, "failed", error)
+            if status is None:
                 self.db.execute(
                     "INSERT INTO runs (run_id, config_json, method, dataset, label, data_digest, status, error, "
                     "created_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -143,9 +307,11 @@ class Store:
                                 (error, time.time(), run_id))
 
     def finish_run(self, run_id: str, status: str = "complete", error: str | None = None) -> None:
-        with self._tx():
+        """Mark the run complete (or failed) and release our claim (``ClaimLost`` if it is not ours)."""
+        with self._tx(run_id):
             self.db.execute("UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE run_id = ?",
                             (status, error, time.time(), run_id))
+            self._release(run_id, status, error)
 
     # --- reading ----------------------------------------------------------------------------------
     def runs(self, status: str | None = None) -> pd.DataFrame:
@@ -174,11 +340,18 @@ class Store:
 
 
 class _Tx:
-    def __init__(self, db):
+    def __init__(self, db, check=None):
         self.db = db
+        self.check = check
 
     def __enter__(self):
         self.db.execute("BEGIN IMMEDIATE")
+        if self.check is not None:
+            try:
+                self.check()
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     def __exit__(self, exc_type, *_):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -30,13 +30,10 @@ complete in the store are skipped by config hash, incomplete ones are restarted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import tomllib
 from dataclasses import dataclass
@@ -174,25 +171,18 @@ def load_sweep(path: Path | str, device_type: str | None = None) -> Sweep:
 
 # --- execution -----------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """Child processes die when the sweep dies (even by SIGKILL), so no orphan writes on."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux: children may outlive a killed sweep; restart still dedups by hash
-        pass
-
-
 @dataclass
 class Job:
     cfg: RunConfig
     run_id: str
-    state: str = "pending"  # pending | skipped | running | done | failed
-    proc: subprocess.Popen | None = None
+    # pending | waiting (claimed by another process) | skipped (complete at plan) | running | done |
+    # elsewhere (completed or taken over by another process) | failed
+    state: str = "pending"
     error: str = ""
     started: float = 0.0
     seconds: float = 0.0
+    attempt: int = 0
+    seen_other: bool = False  # was found claimed by another process
 
 
 def plan(sweep: Sweep, store, data_dir) -> list[Job]:
@@ -212,65 +202,110 @@ def plan(sweep: Sweep, store, data_dir) -> list[Job]:
     return jobs
 
 
-def _spawn(job: Job, results: Path, data_dir, device: str, sweep_name: str, threads: int, log_dir: Path,
-           prefetch: str = "auto") -> None:
-    from fedbench.engine.simulation import PREFETCH_ENV
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault(PREFETCH_ENV, prefetch)
-    env["PYTHONWARNINGS"] = "ignore"
-    cmd = [sys.executable, "-m", "fedbench.worker", "--config", job.cfg.canonical_json(), "--results", str(results),
-           "--device", device, "--sweep", sweep_name, "--threads", str(threads)]
-    if data_dir:
-        cmd += ["--data-dir", str(data_dir)]
-    log = open(log_dir / f"{job.run_id}.log", "w")
-    job.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-    job.state, job.started = "running", time.time()
+def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, retries: int = 2,
+                  on_change=None, poll: float = 0.2, recheck: float = 1.0) -> list[Job]:
+    """Run the pending jobs through ``executor`` (fedbench/executors.py); this process alone writes the
+    store, round by round as the workers' records come back.
 
+    A job is claimed in the store just before it is handed out, so sweeps (and ``fedbench run``) sharing
+    one store share the work: a run claimed by another live process waits and ends as ``elsewhere`` when
+    that process completes it; one whose owner died is taken over. A worker that dies without a last word
+    (crash, killed, node lost) is retried up to ``retries`` times, then the run is recorded as failed with
+    the reason; a run that fails by itself is recorded at once. The claims are heartbeaten from a thread
+    while the sweep runs and released if it stops early (the runs stay incomplete: restart resumes)."""
+    from collections import deque
 
-def execute_sweep(jobs: list[Job], results: Path, data_dir, device: str, sweep_name: str, n_jobs: int,
-                  on_change=None, poll: float = 0.2, threads: int = 0) -> list[Job]:
-    """Run pending jobs, at most ``n_jobs`` at a time, each in its own process with ``threads`` threads
-    (default: cores / jobs; one thread per process avoids the OpenMP contention two-thread runs suffer)."""
-    threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)
-    # each worker's batch-prefetch thread needs a core of its own; none is left when the jobs' threads
-    # fill the machine
-    from fedbench.engine.simulation import available_cores
-    prefetch = "off" if n_jobs * threads >= available_cores() else "auto"
-    log_dir = results.parent / f".{results.name}.logs"
-    log_dir.mkdir(exist_ok=True)
-    queue = [j for j in jobs if j.state == "pending"]
-    running: list[Job] = []
-    while queue or running:
-        while queue and len(running) < n_jobs:
-            job = queue.pop(0)
-            _spawn(job, results, data_dir, device, sweep_name, threads, log_dir, prefetch)
-            running.append(job)
-            on_change and on_change(jobs)
-        time.sleep(poll)
-        for job in list(running):
-            code = job.proc.poll()
-            if code is None:
-                continue
-            running.remove(job)
-            job.seconds = time.time() - job.started
-            if code == 0:
-                job.state = "done"
-            else:
-                job.state = "failed"
-                tail = (log_dir / f"{job.run_id}.log").read_text(errors="replace").strip().splitlines()
-                job.error = tail[-1] if tail else f"exit code {code}"
-                _record_failure(results, job)
-            on_change and on_change(jobs)
-    return jobs
+    from fedbench.config import config_to_cli
+    from fedbench.runner import persist_start
+    from fedbench.store import ClaimLost, Store
 
-
-def _record_failure(results: Path, job: Job) -> None:
-    """A run that failed before the engine stored it (bad partition, crash) is recorded as failed."""
-    from fedbench.store import Store
     store = Store(results)
+    todo = deque(j for j in jobs if j.state == "pending")
+    waiting: list[Job] = []
+    running: dict[str, Job] = {}
+    checked = time.time()
+
+    def changed() -> None:
+        if on_change is not None:
+            on_change(jobs)
+
+    def end(job: Job, state: str, error: str = "") -> None:
+        running.pop(job.run_id, None)
+        job.state, job.error = state, error
+        job.seconds = time.time() - job.started if job.started else 0.0
+
+    def launch(job: Job) -> None:
+        job.attempt += 1
+        job.state, job.started = "running", job.started or time.time()
+        running[job.run_id] = job
+        executor.submit(job)
+
+    def claim(job: Job) -> None:
+        got = store.claim(job.run_id)
+        if got == "complete":
+            end(job, "elsewhere")
+        elif got == "busy":
+            job.state, job.seen_other = "waiting", True
+            waiting.append(job)
+        elif job.seen_other and store.status(job.run_id) == "failed":  # its holder ran it and it failed
+            store.release(job.run_id, "failed in another process")
+            error = store.runs().set_index("run_id").loc[job.run_id, "error"]
+            end(job, "failed", f"failed in another process: {error}")
+        else:
+            launch(job)
+
+    def handle(job: Job, kind: str, payload) -> None:
+        if kind == "start":
+            if payload.run_id != job.run_id:
+                executor.cancel(job)
+                error = f"the worker computed run id {payload.run_id}: its dataset differs from the driver's"
+                store.mark_failed(job.run_id, job.cfg, error)
+                end(job, "failed", error)
+                return
+            persist_start(store, payload, config_to_cli(job.cfg), sweep_name)
+            store.log_event(job.run_id, "started", f"attempt {job.attempt} on {payload.worker} ({executor.name})")
+        elif kind == "round":
+            store.write_round(job.run_id, payload)
+        elif kind == "done":
+            store.finish_run(job.run_id, "complete")
+            end(job, "done")
+        elif kind == "error":
+            store.mark_failed(job.run_id, job.cfg, payload)
+            end(job, "failed", payload)
+        elif kind == "crash" and job.attempt <= retries:
+            store.log_event(job.run_id, "retry", payload)
+            launch(job)
+        else:  # a crash, the last attempt
+            error = f"{payload} (attempt {job.attempt} of {retries + 1})"
+            store.mark_failed(job.run_id, job.cfg, error)
+            end(job, "failed", error)
+
     try:
-        if store.status(job.run_id) in (None, "running"):
-            store.mark_failed(job.run_id, job.cfg, job.error)
+        with store.keep_alive():
+            changed()
+            while todo or waiting or running:
+                if waiting and time.time() - checked >= recheck:  # try the others' runs again first
+                    todo.extendleft(reversed(waiting))
+                    waiting.clear()
+                    checked = time.time()
+                while todo and len(running) < executor.capacity():
+                    claim(todo.popleft())
+                    changed()
+                for job, attempt, kind, payload in executor.poll(poll):
+                    if running.get(job.run_id) is not job or attempt != job.attempt:
+                        continue  # a late word from a cancelled or superseded attempt
+                    try:
+                        handle(job, kind, payload)
+                    except ClaimLost as e:  # our lease went stale and another process took the run over
+                        executor.cancel(job)
+                        end(job, "elsewhere", str(e))
+                    if kind != "round":
+                        changed()
     finally:
+        for job in list(running.values()):
+            executor.cancel(job)
+            with contextlib.suppress(Exception):
+                store.release(job.run_id, "sweep stopped")
+        executor.close()
         store.close()
+    return jobs

@@ -1,9 +1,15 @@
-"""One run of a sweep, in its own process: ``python -m fedbench.worker --config JSON ...``."""
+"""One run of a sweep, in its own fresh process: ``python -m fedbench.worker --config JSON --fd N ...``.
+
+It simulates the run and writes its record to file descriptor N as pickled messages (see
+fedbench/executors.py); it never opens the results store: the sweep's driver persists.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import sys
 
 
@@ -13,32 +19,24 @@ def config_from_json(text: str):
 
 
 def main(argv=None) -> int:
+    from fedbench.executors import PREFETCH_CHOICES, RunSettings, perform
     ap = argparse.ArgumentParser(prog="fedbench.worker")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--results", required=True)
+    ap.add_argument("--fd", type=int, required=True, help="file descriptor the messages are written to")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--sweep", default=None)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--prefetch", default="auto", choices=PREFETCH_CHOICES)
     ap.add_argument("--data-dir", default=None)
     a = ap.parse_args(argv)
-    import torch
+    out = os.fdopen(a.fd, "wb")
 
-    from fedbench.config import config_to_cli
-    from fedbench.errors import ConfigError
-    from fedbench.runner import execute, prepare
-    from fedbench.store import Store
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    try:
-        cfg = config_from_json(a.config)
-        p = prepare(cfg, a.data_dir, a.device)
-        store = Store(a.results)
-        execute(p, store, command=config_to_cli(cfg), sweep=a.sweep)
-        store.close()
-    except ConfigError as e:
-        print(f"fedbench: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    def emit(msg) -> None:
+        pickle.dump(msg, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+    ok = perform(a.config, RunSettings(a.device, a.threads, a.prefetch, a.data_dir), emit)
+    out.close()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -36,3 +36,12 @@ def real_data_dir():
         if REAL_DATA_DIR is None or not (REAL_DATA_DIR / name).exists():
             pytest.skip("real CIFAR-10 not materialized: set FEDBENCH_DATA_DIR")
     return REAL_DATA_DIR
+
+
+# A sweep file's [base] for tiny synthetic sweeps (5 clients, 2 rounds); runs take seconds.
+TINY_BASE = '[base]\ndataset = "synthetic"\nclients = 5\nrounds = 2\nbatch_size = 128\n'
+
+
+def tiny_sweep(body: str, name: str = "tiny") -> str:
+    """A sweep file: [sweep] name, TINY_BASE, then ``body`` (more [base] keys, [axes], [[include]]...)."""
+    return f'[sweep]\nname = "{name}"\n{TINY_BASE}{body}'

@@ -127,6 +127,9 @@ def test_sweep_killed_with_sigkill_resumes_without_rerun(tmp_path):
         n_rows = db.execute("SELECT COUNT(*) FROM client_rounds WHERE run_id=?", (rid,)).fetchone()[0]
         assert (n_rounds, n_rows) == (2, 2 * 5)
     assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 12
+    # the killed sweep's claims were taken over (its process is gone), none is left behind
+    assert db.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM claim_log WHERE event = 'complete'").fetchone()[0] == 12
     # a third start finds nothing to do
     third = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert "12 already complete" in third.stderr and third.returncode == 0
