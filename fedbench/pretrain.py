@@ -500,7 +500,8 @@ def linear_probe_details(backbone: Backbone, cifar10_arrays: Arrays, *, device: 
     device = torch.device(device)
     a = cifar10_arrays
     n = a.x_train.shape[0]
-    idx = np.sort(numpy_rng(0, "probe", "subset").permutation(n)[:min(train_subset, n)])
+    # in random order: the archives are sorted by class, and the last 20% of the subset is the validation part
+    idx = numpy_rng(0, "probe", "subset").permutation(n)[:min(train_subset, n)]
     total = len(idx) + a.x_test.shape[0]
 
     def tick(offset):

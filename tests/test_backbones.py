@@ -18,6 +18,7 @@ from fedbench.pretrain import (
     cache_key,
     cache_paths,
     linear_probe,
+    linear_probe_details,
     load_backbone,
     pretrain,
     read_state,
@@ -43,9 +44,9 @@ def data_dir(tmp_path_factory):
     rng = np.random.default_rng(7)
     for name, k, n in (("cifar100", 100, 256), ("cifar10", 10, 200)):
         templates = rng.integers(30, 225, size=(k, 4, 4, 3)).repeat(8, axis=1).repeat(8, axis=2)
-        y = np.arange(n) % k
+        y = np.sort(np.arange(n) % k)  # sorted by class, like the real archives
         x = np.clip(templates[y] + rng.normal(0, 30, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
-        np.savez(d / f"{name}.npz", x_train=x, y_train=y, x_test=x[: n // 2], y_test=y[: n // 2])
+        np.savez(d / f"{name}.npz", x_train=x, y_train=y, x_test=x[::2], y_test=y[::2])
     return d
 
 
@@ -225,6 +226,10 @@ def test_linear_probe_sees_structure(data_dir):
     arrays = load_dataset("cifar10", data_dir)
     acc = linear_probe(seeded_backbone("resnet", 10, 0), arrays)
     assert 0.3 < acc <= 1.0  # class templates are linearly separable even through random features
+    d = linear_probe_details(seeded_backbone("resnet", 10, 0), arrays, train_subset=150)
+    assert d["accuracy"] == pytest.approx(linear_probe(seeded_backbone("resnet", 10, 0), arrays, train_subset=150))
+    # the held-out part used to choose the L2 penalty holds every class, although the archive is class-sorted
+    assert d["train_images"] == 150 and min(d["validation"].values()) > 0.9
 
 
 def test_recipe_presets_and_validation():
