@@ -444,7 +444,8 @@ def pretrain_cmd(
     t = Table(title=f"pretrained backbones (CIFAR-100 train, {torch.get_num_threads()} threads, {dev})",
               title_justify="left")
     for col in ("backbone", "CIFAR-100 test", "probe CIFAR-10 pretrained", "probe random init", "seconds", "cache"):
-        t.add_column(col, justify="left" if col in ("backbone", "cache") else "right")
+        t.add_column(col, justify="left" if col in ("backbone", "cache") else "right",
+                     overflow="fold" if col == "cache" else "ellipsis")
     for info in infos:
         meta = json.loads(Path(info.source).with_suffix(".json").read_text())
         probe = info.metrics["probe"]

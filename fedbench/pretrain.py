@@ -51,7 +51,7 @@ SIDECAR_FORMAT = 1
 PROBE_TRAIN_SUBSET = 10_000  # CIFAR-10 training images the linear probe fits on (fixed, seeded subset)
 PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 penalties tried on a held-out 20% of that subset
 
-# Progress callback: (phase, done, total, info); phase is "train", "eval" or "probe".
+# Progress callback: (phase, done, total, info); phase is "train", "eval", "probe pretrained" or "probe random".
 Progress = Callable[[str, int, int, dict], None]
 
 
@@ -109,8 +109,8 @@ class Recipe:
         return PRESETS[(name, device)]
 
 
-# CPU presets: sized for about 14 minutes each with one thread of the 2-core development CPU
-# (measured; README "Federated LoRA family"). CUDA presets: more epochs and a bigger batch (not
+# CPU presets: sized for about 15 minutes each with one thread of the 2-core development CPU
+# (measured: 14.5 and 16.7 minutes with the other core busy; README "Federated LoRA family"). CUDA presets: more epochs and a bigger batch (not
 # measured here: no GPU was available when they were written).
 PRESETS: dict[tuple[str, str], Recipe] = {
     ("vit", "cpu"): Recipe(epochs=7, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.05,
@@ -122,8 +122,8 @@ PRESETS: dict[tuple[str, str], Recipe] = {
     ("resnet", "cuda"): Recipe(epochs=100, batch_size=512, optimizer="sgd", lr=0.2, weight_decay=5e-4,
                                warmup_epochs=5.0, momentum=0.9),
 }
-# measured minutes of the CPU presets (one thread, 2-core CPU), for the "no cache yet" message
-PRESET_MINUTES = {("vit", "cpu"): 14, ("resnet", "cpu"): 14}
+# measured minutes of the CPU presets (one thread of the busy 2-core CPU), for the "no cache yet" message
+PRESET_MINUTES = {("vit", "cpu"): 15, ("resnet", "cpu"): 17}
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,9 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the cache private to its writer
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -300,7 +303,8 @@ def _pretrain_hints(name: str, data_dir: Path, recipe: Recipe) -> tuple[str, str
             if preset != default_device():
                 cmd += f" --recipe {preset}"
             minutes = PRESET_MINUTES.get((name, preset))
-            took = f"about {minutes} minutes on a 2-core CPU" if minutes else "a few minutes on a GPU (not measured)"
+            took = (f"about {minutes} minutes with one thread of a 2-core CPU" if minutes
+                    else "a few minutes on a GPU (not measured)")
             return f"`{cmd}` ({took})", f"`{cmd} --force`"
     return "pretrain() with this recipe (it is not a preset)", "pretrain(..., force=True) with this recipe"
 
@@ -491,7 +495,8 @@ def _accuracy(lin: nn.Linear, feats: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def linear_probe_details(backbone: Backbone, cifar10_arrays: Arrays, *, device: torch.device | str = "cpu",
-                         train_subset: int = PROBE_TRAIN_SUBSET, progress: Progress | None = None) -> dict[str, Any]:
+                         train_subset: int = PROBE_TRAIN_SUBSET, progress: Progress | None = None,
+                         phase: str = "probe") -> dict[str, Any]:
     """Frozen ``features`` of a fixed seeded subset of ``train_subset`` CIFAR-10 training images and of the
     whole test set (normalised with the dataset's own statistics, as federated runs do), standardised with
     the training features' mean and std; a multinomial logistic regression by full-batch L-BFGS, its L2
@@ -505,7 +510,7 @@ def linear_probe_details(backbone: Backbone, cifar10_arrays: Arrays, *, device: 
     total = len(idx) + a.x_test.shape[0]
 
     def tick(offset):
-        return None if progress is None else (lambda _p, d, _t, i: progress("probe", offset + d, total, i))
+        return None if progress is None else (lambda _p, d, _t, i: progress(phase, offset + d, total, i))
 
     f_tr = extract_features(backbone, a.x_train[idx], a.info, device, progress=tick(0)).double()
     f_te = extract_features(backbone, a.x_test, a.info, device, progress=tick(len(idx))).double()
@@ -555,9 +560,9 @@ def pretrain(name: str, data_dir: Path | str | None, *, recipe: Recipe | str | N
     t_train = time.perf_counter() - t0
     test_acc = evaluate(model, c100, dev, progress)
     t_eval = time.perf_counter() - t0 - t_train
-    probe = {"pretrained": linear_probe_details(model, c10, device=dev, progress=progress)}
+    probe = {"pretrained": linear_probe_details(model, c10, device=dev, progress=progress, phase="probe pretrained")}
     random_ref = seeded_backbone(name, c100.info.num_classes, rec.seed).to(dev)  # the network training started from
-    probe["random"] = linear_probe_details(random_ref, c10, device=dev, progress=progress)
+    probe["random"] = linear_probe_details(random_ref, c10, device=dev, progress=progress, phase="probe random")
     t_probe = time.perf_counter() - t0 - t_train - t_eval
 
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
