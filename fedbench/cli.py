@@ -223,8 +223,8 @@ app.command("run", help=run.__doc__, no_args_is_help=False)(run)
 
 
 @app.command("list")
-def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, models or partitions")):
-    """List methods (with paper, heterogeneity support and hyper-parameters), datasets, models, partitions."""
+def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, models, partitions or backbones")):
+    """List methods (with paper, heterogeneity support and hyper-parameters), datasets, models, partitions, backbones."""
     from fedbench.data.partition import PARTITIONERS
     from fedbench.data.sources import DATASETS
     from fedbench.models.cnn import CNN_WIDTHS
@@ -266,8 +266,15 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
         out.print("hetero: client i gets CNN-(i mod 5 + 1)")
     elif what == "partitions":
         out.print(", ".join(PARTITIONERS))
+    elif what == "backbones":
+        from fedbench.models.backbones import BACKBONES, macs_per_sample
+        for name, spec in BACKBONES.items():
+            m = spec.build(10)
+            n = sum(p.numel() for p in m.parameters() if not any(p is q for q in m.head.parameters()))
+            out.print(f"{name}: {spec.about}; {n:,} parameters without the head, "
+                      f"{macs_per_sample(m) / 1e6:.1f} M MACs per sample (head for 10 classes)", markup=False)
     else:
-        raise choice_error("list topic", what, ("methods", "datasets", "models", "partitions"))
+        raise choice_error("list topic", what, ("methods", "datasets", "models", "partitions", "backbones"))
 
 
 def _invocation() -> str:
@@ -477,6 +484,68 @@ def report_cmd(
         store.close()
     out.print(f"report of {info['runs']} runs written to {out_dir}/ (report.md, report.html, "
               f"accuracy/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    backbone: str = typer.Option(..., "--backbone", help="vit, resnet or all"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder holding cifar100.npz and cifar10.npz; "
+                                            "the cache goes to <data dir>/backbones/ (default: $FEDBENCH_DATA_DIR, "
+                                            "else ~/.cache/fedbench)"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0 = torch's default)"),
+    recipe: str = typer.Option("auto", "--recipe", help="auto (the preset of the device), cpu or cuda"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    force: bool = typer.Option(False, "--force", help="train again even if a valid cache exists"),
+):
+    """Pretrain backbones on CIFAR-100 into the data dir's cache (reused when it exists), with the linear probe."""
+    import torch
+
+    from fedbench.data.sources import default_data_dir
+    from fedbench.pretrain import RECIPE_PRESETS, backbone_names, pretrain, resolve_recipe
+
+    todo = backbone_names(backbone)
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {threads}")
+    if recipe not in ("auto", *RECIPE_PRESETS):
+        raise choice_error("--recipe", recipe, ("auto", *RECIPE_PRESETS))
+    if device not in ("auto", "cpu", "cuda"):
+        raise choice_error("--device", device, ("auto", "cpu", "cuda"))
+    dev = _device_type(device)
+    if threads:
+        torch.set_num_threads(threads)
+    data_dir = data_dir or default_data_dir()
+    recipes = {n: resolve_recipe(n, recipe, dev) for n in todo}
+    infos = [_pretrain_with_progress(n, data_dir, recipes[n], dev, force, pretrain) for n in todo]
+    t = Table(title=f"pretrained backbones (CIFAR-100 train, {torch.get_num_threads()} threads, {dev})",
+              title_justify="left")
+    for col in ("backbone", "CIFAR-100 test", "probe CIFAR-10 pretrained", "probe random init", "seconds", "cache"):
+        t.add_column(col, justify="left" if col in ("backbone", "cache") else "right",
+                     overflow="fold" if col == "cache" else "ellipsis")
+    for info in infos:
+        meta = json.loads(Path(info.source).with_suffix(".json").read_text())
+        probe = info.metrics["probe"]
+        t.add_row(info.name, _pct(info.metrics["cifar100_test_accuracy"]), _pct(probe["pretrained"]["accuracy"]),
+                  _pct(probe["random"]["accuracy"]),
+                  f"{meta['seconds']['total']:.0f}" + ("" if info.trained_now else " (cached)"), info.source)
+    out.print(t)
+
+
+def _pretrain_with_progress(name, data_dir, recipe, device, force, pretrain):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*cols, console=err, transient=False) as prog:
+        tasks: dict[str, int] = {}
+
+        def on_progress(phase, done, total, info):
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(f"{name} {phase}", total=total, status="")
+            status = (f"epoch {info['epoch']}/{info['epochs']} step {info['step']}/{info['steps']} "
+                      f"loss {info['loss']:.3f}" if phase == "train" else f"{done}/{total} images")
+            prog.update(tasks[phase], completed=done, total=total, status=status)
+
+        return pretrain(name, data_dir, recipe=recipe, progress=on_progress, device=device, force=force)
 
 
 PARTITION_OPTS = ("dataset", "partition", "clients", "classes_per_client", "alpha", "min_size", "share_low",
