@@ -24,16 +24,19 @@ def test_issue_protocol_learns_on_real_cifar10(real_data_dir, tmp_path, method, 
 @pytest.mark.parametrize("method,extra", [("fedit", {}), ("flexlora", {"ranks": "cycle:2,4,8,16"})])
 def test_federated_lora_learns_on_real_cifar10_with_the_pretrained_vit(real_data_dir, tmp_path, method, extra):
     """The vision tier: the ViT pretrained on CIFAR-100 (`fedbench pretrain --backbone vit`), LoRA r=8 on
-    q/v, 20 clients (Dirichlet 0.5), 10 rounds of 10 local steps; the global model must beat the linear
-    probe of a random backbone by a clear margin."""
+    q/v, 20 clients (Dirichlet 0.5), 10 rounds of 10 local steps, against the same run on a random
+    backbone. Measured for FedIT, seed 42: pretrained 61.4% personalised / 34.9% global, random 40.2% /
+    19.6%; the test asks for half of those margins."""
     from fedbench.errors import ConfigError
-    cfg = make_config(dict(method=method, dataset="cifar10", partition="dirichlet", alpha=0.5, clients=20,
-                           fraction=0.25, rounds=10, local_steps=10, batch_size=32, optimizer="adamw", lr=0.002,
-                           weight_decay=0.0, eval_every=10, **extra))
+    base = dict(method=method, dataset="cifar10", partition="dirichlet", alpha=0.5, clients=20, fraction=0.25,
+                rounds=10, local_steps=10, batch_size=32, optimizer="adamw", lr=0.002, weight_decay=0.0,
+                eval_every=10, **extra)
     try:
-        p = prepare(cfg, real_data_dir)
+        pre = prepare(make_config(base), real_data_dir)
     except ConfigError as e:
         pytest.skip(f"no pretrained ViT in the data dir: {e}")
-    s = execute(p, Store(tmp_path / "r.sqlite"))
-    assert s["acc_last_global"] > 0.45, s
-    assert s["metrics"]["agg_deviation"]["mean"] >= 0
+    s = execute(pre, Store(tmp_path / "r.sqlite"))
+    r = execute(prepare(make_config({**base, "backbone_init": "random"}), real_data_dir), Store(tmp_path / "r.sqlite"))
+    assert s["acc_last_global"] > r["acc_last_global"] + 0.07, (s["acc_last_global"], r["acc_last_global"])
+    assert s["acc_last_unweighted"] > r["acc_last_unweighted"] + 0.1
+    assert s["metrics"]["agg_deviation"]["mean"] > 0  # neither rule is exact
