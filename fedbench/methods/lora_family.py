@@ -133,6 +133,8 @@ class FederatedLoRA(Method):
         self.feature_dim = server.backbone.feature_dim
         self.server = server
         self.clients = clients
+        self._ends: dict[int, dict[str, torch.Tensor]] = {}  # this round's client effective updates (D_t)
+        self._merged: dict[str, torch.Tensor] = {}
 
     def spec(self, r: int):
         return adapter_spec(self.targets, r, self.hp.lora_alpha, self.hp.rslora)
@@ -292,7 +294,6 @@ class FederatedLoRA(Method):
         if self.personalised:
             return
         ad = client.module("lora")
-        self._ends = getattr(self, "_ends", {})
         self._ends[client.id] = {t.key: ad.delta(t.key).double() for t in self.targets}
 
     @torch.no_grad()

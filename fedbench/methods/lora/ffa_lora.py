@@ -8,8 +8,6 @@ Exact: A is common, so B̄ A = sum p_k B_k A (D_t = 0 up to float rounding).
 
 from __future__ import annotations
 
-import torch
-
 from fedbench.lora import algebra
 from fedbench.methods.lora_family import FederatedLoRA
 from fedbench.registry import register_method
@@ -29,8 +27,7 @@ class FFALoRA(FederatedLoRA):
         state = super().server_init(server)
         shared_a = self.factors_of(server, ("A",))  # the shared seed's A: every client builds the same
         for c in self.clients:
-            with torch.no_grad():
-                self.install(c, shared_a)
+            self.install(c, shared_a)
         return state
 
     def aggregate(self, server, uploads):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fedbench.lora import algebra
+from fedbench.lora.layers import scaling
 from fedbench.methods.lora_family import FederatedLoRA
 from fedbench.registry import register_method
 
@@ -36,7 +37,6 @@ class FlexLoRA(FederatedLoRA):
 
     def rate(self, r: int) -> float:
         """The scaling a rank-r client's update enters ΔW with."""
-        from fedbench.lora.layers import scaling
         return 16.0 / r if self.hp.reference_quirks else scaling(self.hp.lora_alpha, r, self.hp.rslora)
 
     def download(self, server, client, state):

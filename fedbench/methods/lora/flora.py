@@ -20,6 +20,7 @@ import torch
 
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
+from fedbench.lora.layers import activate, scaling
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 from fedbench.seeding import derive
@@ -97,12 +98,10 @@ class FLoRA(FederatedLoRA):
         self.stacks.append((server.round, stacked))
 
     def scaling_of(self, cid: int) -> float:
-        from fedbench.lora.layers import scaling
         return scaling(self.hp.lora_alpha, self.ranks[cid], self.hp.rslora)
 
     def predict(self, client, x):
         """No personal LoRA survives a round: the global model (with the client's head if it is local)."""
-        from fedbench.lora.layers import activate
         activate(self.layers, self.server.module("lora"))
         head = client.module("head") if self.hp.head == "local" else self.server.module("head")
         return head(client.backbone.features(x))
