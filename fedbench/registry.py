@@ -10,6 +10,8 @@ The class is registered under the entry point's name when the registry is first 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from importlib.metadata import entry_points
 
 from fedbench.errors import ConfigError, choice_error
@@ -35,15 +37,10 @@ def _discover() -> None:
         return
     _loaded = True
     import fedbench.methods.fedlora  # noqa: F401  (the headline method ships in the core)
-    from fedbench.methods.lora import (  # noqa: F401  (the federated-LoRA family ships in the core)
-        fedit,
-        fedsa_lora,
-        ffa_lora,
-        flexlora,
-        flora,
-        hetlora,
-        references,
-    )
+    import fedbench.methods.lora as family  # the federated-LoRA family ships in the core: one module a method
+
+    for mod in sorted(pkgutil.iter_modules(family.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{family.__name__}.{mod.name}")
 
     for ep in entry_points(group="fedbench.methods"):
         try:
