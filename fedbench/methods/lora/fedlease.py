@@ -7,7 +7,8 @@ arXiv 2509.15087; spec §3.18; reference code lei-wang-link/FedLEASE).
     clustering, end of round W (server, on the round-W participants):
       d(i, j) = mean over adapted matrices l of 1 - cos(vec B_i^l, vec B_j^l)
       agglomerative clustering of d, average linkage (scipy); M in 2..``--fedlease-max-clusters`` (4) with
-      the best silhouette score (ties: the smaller M); expert k <- mean of cluster k's (A, B)
+      the best silhouette score (ties: the smaller M; the code min-max normalises the scores first, which
+      picks the same M); expert k <- mean of cluster k's (A, B)
     rounds t > W:
       client k in cluster c(k): receive all M experts (and its cluster's router if aggregated)     M P(r) down
                 train every expert, its router (and head) through the mixture
@@ -34,7 +35,8 @@ Decisions of fedbench's own [reconstruction]:
   Its LoRA is not averaged into any expert.
 * Few clients in round W: one client gives M = 1 (one expert, the routing weight is 1: plain LoRA
   with its cluster mean); two give M = 2 (each its own expert; silhouette needs 2 <= M <= n - 1); the
-  search otherwise runs over 2..min(max_clusters, n - 1). No error either way.
+  search otherwise runs over 2..min(max_clusters, n - 1), and gives M = 1 only if every distance ties
+  (no split exists). No error either way.
 * Personalised: each client is evaluated with its own state after its last local round (the code
   evaluates after loading the new aggregate). No global model. D_t is reported per cluster
   (spec §5.2): for expert m, ``agg_deviation_c{m}`` = ||s B̄_m Ā_m - sum_i w_i s B_{i,m} A_{i,m}||_F /
@@ -65,7 +67,7 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.experts import ROUTINGS, activate_experts, experts_spec, inject_experts
 from fedbench.lora.layers import activate
-from fedbench.methods.base import Client
+from fedbench.methods.base import Client, Upload
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
@@ -306,12 +308,10 @@ class FedLEASE(FederatedLoRA):
         else:
             self.join(server, [u for u in uploads if "experts" not in u.payload])
             self.aggregate(server, [u for u in uploads if "experts" in u.payload])
-        heads = [u for u in uploads if "head" in u.payload]
+        heads = [u for u in uploads if "head" in u.payload]  # joiners send none
         if self.hp.head == "shared" and heads:
-            total = sum(u.weight for u in heads)
-            for u in heads:
-                u.weight = u.weight / total
-            self.average_heads(server, heads)
+            ws = _renormalised(heads)
+            self.average_heads(server, [Upload(u.client, w, u.payload) for u, w in zip(heads, ws, strict=True)])
         return {}
 
     def _count_distances(self, server, n_pairs: int, n_vectors: int) -> None:
