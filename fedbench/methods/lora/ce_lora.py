@@ -76,8 +76,8 @@ class CELoRA(FederatedLoRA):
                                                    "from label-histogram and C similarity) or uniform (FedAvg "
                                                    "of C)", choices=("similarity", "uniform"),
                                      marker="reconstruction")
-        celora_temperature: float = hparam(0.1, "softmax temperature tau of the similarity weights (inf: "
-                                                "uniform)", low=0.0, low_open=True, marker="reconstruction")
+        celora_temperature: float = hparam(0.5, "softmax temperature tau of the similarity weights (large: "
+                                                "the uniform rule)", low=0.0, low_open=True, marker="reconstruction")
         celora_mix: float = hparam(0.5, "share of data-space (label histogram) similarity in sim; the rest "
                                         "is parameter-space (C) similarity", low=0.0, high=1.0,
                                    marker="reconstruction")
