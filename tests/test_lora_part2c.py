@@ -492,3 +492,23 @@ def test_more_tasks_than_classes_is_a_config_error():
     with pytest.raises(ConfigError, match=r"--tasks 11: the dataset synthetic has 10 classes") as e:
         prepare(lora_config("fl-tac", tasks=11), None, "cpu")
     assert "\n" not in str(e.value)
+
+
+def test_downloads_that_do_not_fit_are_refused():
+    ce = lora_sim("ce-lora")
+    c, key = ce.clients[0], _core_keys(ce)[0]
+    good = ce.method.download(ce.server, c, ce.broadcast)
+    ce.method.install(c, good)
+    assert torch.equal(c.module("lora").lora_C[key].weight, good["C"][key])
+    with pytest.raises(KeyError, match="no_such_layer"):
+        ce.method.install(c, {"C": {"no_such_layer": torch.eye(8)}})
+    with pytest.raises(ValueError, match="shape"):
+        ce.method.install(c, {"C": {key: torch.eye(3)}})
+    tac = lora_sim("fl-tac")
+    c = tac.clients[0]
+    down = tac.method.download(tac.server, c, tac.broadcast)
+    assert set(down) == {str(s) for s in range(len(tac.method.held[c.id]))}
+    with pytest.raises(KeyError, match="slot '7'"):
+        tac.method.install(c, {"7": down["0"]})
+    with pytest.raises(ValueError, match="shape"):
+        tac.method.install(c, {"0": {"A": {k: v[:2] for k, v in down["0"]["A"].items()}}})

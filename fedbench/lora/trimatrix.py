@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from fedbench.lora.layers import AdapterSet, LoRALayer, Target
+from fedbench.lora.layers import AdapterSet, LoRALayer, Target, inject
 from fedbench.models.cnn import ModuleSpec, builder
 
 TRI_INITS = ("peft", "random-b", "reference")
@@ -90,17 +90,5 @@ class TriLoRALayer(LoRALayer):
 
 
 def inject_tri(backbone: nn.Module, targets: list[Target]) -> dict[str, TriLoRALayer]:
-    """Wrap every target of ``backbone`` in a TriLoRALayer; a plain LoRALayer already there is replaced by
-    a TriLoRALayer around the same base layer (its merges live in the base weight, so nothing is lost)."""
-    layers = {}
-    for t in targets:
-        parent_name, _, child = t.name.rpartition(".")
-        parent = backbone.get_submodule(parent_name) if parent_name else backbone
-        current = getattr(parent, child)
-        if isinstance(current, TriLoRALayer):
-            layers[t.key] = current
-            continue
-        wrapped = TriLoRALayer(current.base if isinstance(current, LoRALayer) else current, t)
-        setattr(parent, child, wrapped)
-        layers[t.key] = wrapped
-    return layers
+    """Wrap every target of ``backbone`` in a TriLoRALayer (replacing a plain LoRALayer already there)."""
+    return inject(backbone, targets, TriLoRALayer)

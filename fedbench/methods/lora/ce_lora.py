@@ -36,7 +36,7 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.trimatrix import inject_tri, tri_adapter_spec
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict
 from fedbench.registry import register_method
 
 
@@ -141,14 +141,7 @@ class CELoRA(FederatedLoRA):
         payload = dict(payload)
         cores = payload.pop("C", None)
         if cores is not None:
-            slots = {k: m.weight for k, m in party.module("lora").lora_C.items()}
-            for key, t in cores.items():
-                if key not in slots:
-                    raise KeyError(f"{self.name}: downloaded C[{key}] has no parameter on the client")
-                if slots[key].shape != t.shape:
-                    raise ValueError(f"{self.name}: downloaded C[{key}] has shape {tuple(t.shape)}, the client's "
-                                     f"is {tuple(slots[key].shape)}")
-                slots[key].copy_(t)
+            copy_strict(self.name, "C", {k: m.weight for k, m in party.module("lora").lora_C.items()}, cores)
         super().install(party, payload)
 
     # --- local training --------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.layers import activate
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict
 from fedbench.registry import register_method
 from fedbench.seeding import derive
 
@@ -228,13 +228,7 @@ class FLTAC(FederatedLoRA):
                     targets = dict(party.module(f"head_t{j}").named_parameters())
                 else:
                     raise KeyError(f"{self.name}: download part {part!r} has no place on the client")
-                for key, t in tensors.items():
-                    if key not in targets:
-                        raise KeyError(f"{self.name}: downloaded {part}[{key}] has no parameter on the client")
-                    if targets[key].shape != t.shape:
-                        raise ValueError(f"{self.name}: downloaded {part}[{key}] has shape {tuple(t.shape)}, "
-                                         f"the client's is {tuple(targets[key].shape)}")
-                    targets[key].copy_(t)
+                copy_strict(self.name, part, targets, tensors)
 
     # --- local training --------------------------------------------------------------------------
     def task_head(self, party, j: int):
