@@ -112,8 +112,10 @@ class Simulation:
         for k, arch in enumerate(archs):
             sizes = {s: int(data.sizes(s)[k]) for s in ("train", "val", "test")}
             classes = np.unique(train_labels[data.partition.indices["train"][k]])
+            counts = np.bincount(train_labels[data.partition.indices["train"][k]], minlength=self.num_classes)
             c = Client(self, k, arch, cnn_spec(arch, self.num_classes), sizes,
-                       torch.as_tensor(classes, dtype=torch.int64, device=device))
+                       torch.as_tensor(classes, dtype=torch.int64, device=device),
+                       torch.as_tensor(counts, dtype=torch.int64))
             self.clients.append(c)
         self.server = Server(self)
         self.method.setup(self.server, self.clients)

@@ -162,17 +162,20 @@ class LoRALayer(nn.Module):
         return w.reshape(w.shape[0], -1)
 
 
-def inject(backbone: nn.Module, targets: list[Target]) -> dict[str, LoRALayer]:
-    """Wrap every target of ``backbone`` in a LoRALayer (once); returns key -> layer."""
+def inject(backbone: nn.Module, targets: list[Target], layer: type | None = None) -> dict[str, LoRALayer]:
+    """Wrap every target of ``backbone`` in a LoRALayer (once); returns key -> layer. ``layer``: a
+    LoRALayer subclass to wrap with instead (a LoRALayer of another class already there is replaced by
+    one around the same base layer: its merges live in the base weight, so nothing is lost)."""
+    layer = layer or LoRALayer
     layers = {}
     for t in targets:
         parent_name, _, child = t.name.rpartition(".")
         parent = backbone.get_submodule(parent_name) if parent_name else backbone
         current = getattr(parent, child)
-        if isinstance(current, LoRALayer):
+        if isinstance(current, layer):
             layers[t.key] = current
             continue
-        wrapped = LoRALayer(current, t)
+        wrapped = layer(current.base if isinstance(current, LoRALayer) else current, t)
         setattr(parent, child, wrapped)
         layers[t.key] = wrapped
     return layers

@@ -90,13 +90,15 @@ class Client(Party):
     """What a method sees of one client during its local round or evaluation."""
 
     def __init__(self, runtime, cid: int, arch: str, model_spec: ModuleSpec, sizes: dict[str, int],
-                 classes: torch.Tensor) -> None:
+                 classes: torch.Tensor, label_counts: torch.Tensor | None = None) -> None:
         super().__init__(runtime)
         self.id = cid
         self.arch = arch            # e.g. "cnn3"
         self.model_spec = model_spec  # the client's assigned heterogeneous model
         self.sizes = sizes          # samples per split: {"train", "val", "test"}
         self.classes = classes      # int64 tensor of the classes present in its training data
+        # int64 tensor (num_classes,): samples per class in its training split (the client's own data)
+        self.label_counts = label_counts
         self.round = 0
         self.streams = 0  # data-order streams drawn this round (engine bookkeeping)
 

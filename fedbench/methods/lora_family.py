@@ -77,6 +77,19 @@ def parse_ranks(p: LoRAParams, clients: int) -> list[int]:
     return values
 
 
+@torch.no_grad()
+def copy_strict(method: str, part: str, slots: dict, tensors: dict) -> None:
+    """Copy downloaded ``tensors`` into the parameters ``slots`` of the same keys; a tensor with no slot,
+    or of another shape, is an error (never silently dropped)."""
+    for key, t in tensors.items():
+        if key not in slots:
+            raise KeyError(f"{method}: downloaded {part}[{key}] has no parameter on the client")
+        if slots[key].shape != t.shape:
+            raise ValueError(f"{method}: downloaded {part}[{key}] has shape {tuple(t.shape)}, the client's is "
+                             f"{tuple(slots[key].shape)}")
+        slots[key].copy_(t)
+
+
 class FederatedLoRA(Method):
     """Base of the federated-LoRA methods. Subclasses set the class attributes and ``aggregate``."""
 
@@ -196,13 +209,7 @@ class FederatedLoRA(Method):
                 targets = dict(party.module("head").named_parameters())
             else:
                 raise KeyError(f"{self.name}: download part {part!r} has no place on the client")
-            for key, t in tensors.items():
-                if key not in targets:
-                    raise KeyError(f"{self.name}: downloaded {part}[{key}] has no parameter on the client")
-                if targets[key].shape != t.shape:
-                    raise ValueError(f"{self.name}: downloaded {part}[{key}] has shape {tuple(t.shape)}, the "
-                                     f"client's is {tuple(targets[key].shape)}")
-                targets[key].copy_(t)
+            copy_strict(self.name, part, targets, tensors)
 
     # --- local training --------------------------------------------------------------------------
     def head(self, party):
