@@ -68,7 +68,7 @@ from fedbench.lora import algebra
 from fedbench.lora.experts import ROUTINGS, activate_experts, experts_spec, inject_experts
 from fedbench.lora.layers import activate
 from fedbench.methods.base import Client, Upload
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict
 from fedbench.registry import register_method
 
 # --- clustering (pure functions of the clients' B matrices; tests/test_lora_part2d.py) -------------
@@ -260,10 +260,10 @@ class FedLEASE(FederatedLoRA):
                     raise KeyError(f"{self.name}: downloaded expert {m!r}; the client has {ex.experts}")
                 for part, tensors in parts.items():
                     mods = {"A": ex.lora_A, "B": ex.lora_B}[part]
-                    _copy_strict(self.name, f"expert {m} {part}", {k: mods[k][int(m)].weight for k in mods},
-                                 tensors)
+                    copy_strict(self.name, f"expert {m} {part}", {k: mods[k][int(m)].weight for k in mods},
+                                tensors)
             if "router" in payload:
-                _copy_strict(self.name, "router", {k: r.weight for k, r in ex.router.items()}, payload["router"])
+                copy_strict(self.name, "router", {k: r.weight for k, r in ex.router.items()}, payload["router"])
         super().install(party, rest)
 
     # --- local training --------------------------------------------------------------------------
@@ -393,13 +393,3 @@ class FedLEASE(FederatedLoRA):
 def _renormalised(uploads) -> list[float]:
     total = sum(u.weight for u in uploads)
     return [u.weight / total for u in uploads]
-
-
-def _copy_strict(method: str, what: str, targets: dict, tensors: dict) -> None:
-    for key, t in tensors.items():
-        if key not in targets:
-            raise KeyError(f"{method}: downloaded {what}[{key}] has no parameter on the client")
-        if targets[key].shape != t.shape:
-            raise ValueError(f"{method}: downloaded {what}[{key}] has shape {tuple(t.shape)}, the client's is "
-                             f"{tuple(targets[key].shape)}")
-        targets[key].copy_(t)
