@@ -107,8 +107,8 @@ class FedExLoRA(FederatedLoRA):
         A, B, part = {}, {}, {"A": {}, "B": {}} if self.hp.fedex_residual == "factored" else {"dense": {}}
         err = 0.0
         for t in self.targets:
-            As = [u.payload["A"][t.key].double() for u in uploads]
-            Bs = [u.payload["B"][t.key].double() for u in uploads]
+            As = [algebra.as_matrix(u.payload["A"][t.key]).double() for u in uploads]
+            Bs = [algebra.as_matrix(u.payload["B"][t.key]).double() for u in uploads]
             A[t.key] = algebra.weighted_sum(ps, As).float()
             B[t.key] = algebra.weighted_sum(ps, Bs).float()
             # sum_k p_k B_k A_k and B̄ Ā: N + 1 products of d_out x r x d_in
