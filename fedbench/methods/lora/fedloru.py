@@ -72,10 +72,11 @@ class FedLoRU(FederatedLoRA):
         A, B = {}, {}
         err = 0.0
         for t in self.targets:
-            As = [algebra.as_matrix(u.payload["A"][t.key]).double() for u in uploads]
-            Bs = [algebra.as_matrix(u.payload["B"][t.key]).double() for u in uploads]
-            A[t.key], B[t.key] = algebra.weighted_sum(ps, As), algebra.weighted_sum(ps, Bs)
-            err += algebra.frob2(algebra.fedit_error(ps, As, Bs, s))
+            As = [u.payload["A"][t.key] for u in uploads]
+            Bs = [u.payload["B"][t.key] for u in uploads]
+            A[t.key], B[t.key] = algebra.weighted_sum(ps, As), algebra.weighted_sum(ps, Bs)  # as FedIT does
+            err += algebra.frob2(algebra.fedit_error(ps, [algebra.as_matrix(a).double() for a in As],
+                                                     [algebra.as_matrix(b).double() for b in Bs], s))
         self.set_global(server, A, B)
         server.report("fedit_factor_error", err ** 0.5)
         if server.round % self.hp.fedloru_period == 0:

@@ -70,7 +70,8 @@ class FedRotLoRA(FederatedLoRA):
     @dataclass
     class Params(LoRAParams):
         fedrot_align: str = hparam("alternate", "factor aligned to the reference: alternate (A in odd rounds, "
-                                                "B in even), A or B", choices=("alternate", "A", "B"))
+                                                "B in even: the phase is fedbench's), A or B",
+                                    choices=("alternate", "A", "B"), marker="reconstruction")
         fedrot_lambda: float = hparam(1.0, "soft rotation polar((1-λ) I + λ R); λ >= 1 is the hard rotation R",
                                       low=0.0)
 

@@ -8,7 +8,8 @@
     server:   Ā = sum_k p_k A_k, B̄ = sum_k p_k B_k;  ΔW = s (B̄ Ā - B0 A0);  W_res <- W_res + ΔW;
               the global LoRA stays (B0, A0): global effective weight W_res' + s B0 A0 = W_res + s B̄ Ā
     download: the merges the client missed, each as factors [B̄, B0] [s Ā; -s A0] [reconstruction],
-              2 P(r) per missed round (the fixed init itself never travels)
+              2 P(r) per missed round (``--frlora-download dense``: their sum, one d_out x d_in matrix per
+              target); the fixed init itself never travels
 Not exact: FedIT's factor averaging is inside, so D_t equals FedIT's factor error (reported as
 ``fedit_factor_error``). The backbone accumulates a full-rank residual while every round's LoRA starts in
 the principal subspace.
@@ -18,13 +19,16 @@ the principal subspace.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.layers import scaling
 from fedbench.metering.algebra import product_macs
 from fedbench.methods.lora.merge_log import MergeLog
-from fedbench.methods.lora_family import FederatedLoRA
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
 
@@ -45,6 +49,13 @@ class FRLoRA(FederatedLoRA):
     paper = "Yan et al., Federated Residual Low-Rank Adaptation of Large Language Models (FRLoRA), ICLR 2025"
     trains = ("A", "B")
     sends = ("A", "B")
+
+    @dataclass
+    class Params(LoRAParams):
+        frlora_download: str = hparam("factored", "how a download carries the missed merges: factored ([B̄, B0] "
+                                                  "[Ā; -A0] per round, 2 P(r)) or dense (their sum, d_out x d_in "
+                                                  "per target)", choices=("factored", "dense"),
+                                      marker="reconstruction")
 
     @classmethod
     def display_name(cls) -> str:
@@ -74,7 +85,7 @@ class FRLoRA(FederatedLoRA):
         return state
 
     def download(self, server, client, state):
-        payload = self.log.payload(client.id)
+        payload = self.log.payload(client.id, dense=self.hp.frlora_download == "dense")
         if self.hp.head == "shared":
             payload["head"] = self.head_of(server)
         return payload
