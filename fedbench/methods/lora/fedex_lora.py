@@ -57,8 +57,8 @@ def factored_residual(ps, As, Bs, s: float = 1.0) -> tuple[torch.Tensor, torch.T
 
 @register_method("fedex-lora")
 class FedExLoRA(FederatedLoRA):
-    paper = "Singhal, Ponkshe, Vepakomma, FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning " \
-            "of Large Language Models (arXiv 2410.09432)"
+    paper = "Singhal, Ponkshe, Vepakomma, FedEx-LoRA: exact aggregation for federated LoRA through a residual " \
+            "(code: RaghavSinghal10/fedex-lora)"
     trains = ("A", "B")
     sends = ("A", "B")
 

@@ -34,8 +34,7 @@ from fedbench.seeding import derive
 
 @register_method("fedloru")
 class FedLoRU(FederatedLoRA):
-    paper = "Park & Klabjan, Communication-Efficient Federated Low-Rank Update Algorithm and its Connection to " \
-            "Implicit Regularization (FedLoRU), arXiv 2409.12371"
+    paper = "Park & Klabjan, FedLoRU: federated low-rank updates accumulated into the model, arXiv 2409.12371"
     trains = ("A", "B")
     sends = ("A", "B")
 

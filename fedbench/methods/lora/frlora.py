@@ -46,7 +46,7 @@ def merge_factors(a_bar, b_bar, a0, b0, s: float) -> tuple[torch.Tensor, torch.T
 
 @register_method("frlora")
 class FRLoRA(FederatedLoRA):
-    paper = "Yan et al., Federated Residual Low-Rank Adaptation of Large Language Models (FRLoRA), ICLR 2025"
+    paper = "Yan et al., FRLoRA: federated residual low-rank adaptation, ICLR 2025 (code: IAMJackYan/FRLoRA)"
     trains = ("A", "B")
     sends = ("A", "B")
 
@@ -60,6 +60,10 @@ class FRLoRA(FederatedLoRA):
     @classmethod
     def display_name(cls) -> str:
         return "FRLoRA"
+
+    @classmethod
+    def label(cls, p) -> str:
+        return super().label(p)[:-1] + f", download={p.frlora_download})"
 
     def setup(self, server, clients):
         super().setup(server, clients)

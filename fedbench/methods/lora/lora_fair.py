@@ -13,7 +13,9 @@ The objective is on B A without the scaling s (common to every term; with s insi
 Approximate: a correction of B alone is confined to the row space of Ā, so it cannot reach the best
 rank-r approximation of ΔW*; its error is never above FedIT's (ΔB = 0 is feasible). Reported:
 ``fedit_factor_error`` (before the correction) and ``fair_error`` (after), both s ||ΔW* - B Ā||_F over
-all adapted matrices. The server's solve (or SGD steps) is metered by formula.
+all adapted matrices. The server's solve (or SGD steps) is metered by formula. The cosine loss of
+the sgd solver ignores scale, so its Frobenius error can exceed FedIT's (seen in round 1 of the synthetic
+run, where B̄ is small and the cosine gradient large).
 """
 
 from __future__ import annotations
