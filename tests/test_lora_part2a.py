@@ -178,6 +178,29 @@ def test_downloads_carry_exactly_the_merges_the_client_missed(method, kw):
     _check_downloads_carry_missed_merges(lora_sim(method, rounds=4, fraction=0.6, **kw), 4)
 
 
+@pytest.mark.parametrize("method", ["fedex-lora", "frlora", "fedloru"])
+def test_a_client_is_evaluated_on_the_backbone_it_last_downloaded(method):
+    extra = dict(fedloru_period=1) if method == "fedloru" else {}
+    sim = lora_sim(method, rounds=1, fraction=0.6, local_steps=4, lr=1e-2, **extra)  # merges of some size
+    m = sim.method
+    seen = _capture_uploads(sim)
+    sim.run_round(1)
+    c = sim.clients[sim.sample(1)[0]]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = {k: layer.base.weight.detach().clone() for k, layer in m.layers.items()}
+        got = m.predict(c, x)
+        assert all(torch.equal(layer.base.weight, merged[k]) for k, layer in m.layers.items())  # restored
+        on_merged = m.forward(c, x)
+        for k, layer in m.layers.items():  # the backbone the client trained on
+            layer.base.weight.copy_(seen[0]["before"][k].reshape(layer.base.weight.shape))
+        want = m.forward(c, x)
+        for k, layer in m.layers.items():
+            layer.base.weight.copy_(merged[k])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (on_merged - want).abs().max() > 1e-4  # the view matters
+
+
 def test_a_download_that_skips_a_merge_is_refused():
     sim = lora_sim("fedex-lora", rounds=2, fraction=0.6)
     sim.run_round(1)

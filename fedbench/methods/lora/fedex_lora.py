@@ -32,7 +32,7 @@ from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora.merge_log import MergeLog
+from fedbench.methods.lora.merge_log import MissedMerges
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
@@ -56,7 +56,7 @@ def factored_residual(ps, As, Bs, s: float = 1.0) -> tuple[torch.Tensor, torch.T
 
 
 @register_method("fedex-lora")
-class FedExLoRA(FederatedLoRA):
+class FedExLoRA(MissedMerges, FederatedLoRA):
     paper = "Singhal, Ponkshe, Vepakomma, FedEx-LoRA: exact aggregation for federated LoRA through a residual " \
             "(code: RaghavSinghal10/fedex-lora)"
     trains = ("A", "B")
@@ -87,17 +87,10 @@ class FedExLoRA(FederatedLoRA):
                                   f"targets; layer {bad[0].name} is {bad[0].d_out} x {bad[0].d_in}")
         return targets
 
-    def setup(self, server, clients):
-        super().setup(server, clients)
-        self.log = MergeLog(len(clients), self.name)
-
     def download(self, server, client, state):
         payload = super().download(server, client, state)
         payload.update(self.log.payload(client.id, dense=self.hp.fedex_residual == "dense"))
         return payload
-
-    def install(self, party, payload):
-        super().install(party, self.log.settle(party.id, payload))
 
     @torch.no_grad()
     def aggregate(self, server, uploads):

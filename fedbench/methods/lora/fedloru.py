@@ -26,14 +26,14 @@ import torch
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora.merge_log import MergeLog
+from fedbench.methods.lora.merge_log import MissedMerges
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 from fedbench.seeding import derive
 
 
 @register_method("fedloru")
-class FedLoRU(FederatedLoRA):
+class FedLoRU(MissedMerges, FederatedLoRA):
     paper = "Park & Klabjan, FedLoRU: federated low-rank updates accumulated into the model, arXiv 2409.12371"
     trains = ("A", "B")
     sends = ("A", "B")
@@ -51,17 +51,10 @@ class FedLoRU(FederatedLoRA):
     def label(cls, p) -> str:
         return super().label(p)[:-1] + f", period={p.fedloru_period})"
 
-    def setup(self, server, clients):
-        super().setup(server, clients)
-        self.log = MergeLog(len(clients), self.name)
-
     def download(self, server, client, state):
         payload = super().download(server, client, state)
         payload.update(self.log.payload(client.id))
         return payload
-
-    def install(self, party, payload):
-        super().install(party, self.log.settle(party.id, payload))
 
     @torch.no_grad()
     def aggregate(self, server, uploads):

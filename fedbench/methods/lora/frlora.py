@@ -27,7 +27,7 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.layers import scaling
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora.merge_log import MergeLog
+from fedbench.methods.lora.merge_log import MissedMerges
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
@@ -45,7 +45,7 @@ def merge_factors(a_bar, b_bar, a0, b0, s: float) -> tuple[torch.Tensor, torch.T
 
 
 @register_method("frlora")
-class FRLoRA(FederatedLoRA):
+class FRLoRA(MissedMerges, FederatedLoRA):
     paper = "Yan et al., FRLoRA: federated residual low-rank adaptation, ICLR 2025 (code: IAMJackYan/FRLoRA)"
     trains = ("A", "B")
     sends = ("A", "B")
@@ -67,7 +67,6 @@ class FRLoRA(FederatedLoRA):
 
     def setup(self, server, clients):
         super().setup(server, clients)
-        self.log = MergeLog(len(clients), self.name)
         self.init: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (A0, B0) as matrices, float64
         self._setup_macs = 0
         s = scaling(self.hp.lora_alpha, self.r_global, self.hp.rslora)
@@ -95,8 +94,7 @@ class FRLoRA(FederatedLoRA):
         return payload
 
     def install(self, party, payload):
-        rest = self.log.settle(party.id, payload)
-        super().install(party, {**self.start, **rest})  # the fixed start, derived locally from W0
+        super().install(party, {**self.start, **payload})  # the fixed start, derived locally from W0
 
     @torch.no_grad()
     def aggregate(self, server, uploads):

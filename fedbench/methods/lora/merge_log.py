@@ -8,10 +8,15 @@ bytes a real client would need (the pattern of FLoRA's stacks, methods/lora/flor
 A merge of round t is stored per adapted matrix either as factors ``{"B": d_out x k, "A": k x d_in}``
 (delta = B @ A, scaling folded into A) or as ``{"dense": d_out x d_in}``. Downloads carry, per missed
 round, exactly those tensors (``merges``), or their sum as one dense matrix per target (``merged``).
+``client_view`` evaluates a client on the backbone as that client knows it: the shared backbone less the
+merges it has not downloaded yet (after a round, a participant's model is the backbone it trained on plus
+its trained adapters, not the backbone the server has merged into since).
 Not a method: the registry imports it with the other modules here and finds nothing to register.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -70,3 +75,38 @@ class MergeLog:
         if "merged" in payload:
             return payload["merged"][key].double()
         return sum((entry_delta(p, key) for p in payload.get("merges", {}).values()), 0)
+
+    @contextlib.contextmanager
+    def client_view(self, layers: dict, cid: int):
+        """Within the block, the shared backbone's adapted layers are as client ``cid`` last received
+        them (restored bit for bit afterwards)."""
+        missed = self.missed(cid)
+        if not missed:
+            yield
+            return
+        saved = {k: layer.base.weight.detach().clone() for k, layer in layers.items()}
+        try:
+            for k, layer in layers.items():
+                layer.merge(-sum(entry_delta(p, k) for _, p in missed))
+            yield
+        finally:
+            with torch.no_grad():
+                for k, layer in layers.items():
+                    layer.base.weight.copy_(saved[k])
+
+
+class MissedMerges:
+    """Mixin (before FederatedLoRA in the bases) for methods that merge into the shared backbone: a
+    ``log`` of the merges, downloads settled against it, clients evaluated on their own view."""
+
+    def setup(self, server, clients):
+        super().setup(server, clients)
+        self.log = MergeLog(len(clients), self.name)
+
+    def install(self, party, payload):
+        super().install(party, self.log.settle(party.id, payload))
+
+    def predict(self, client, x):
+        """The client's own model: its adapters on the backbone as it last downloaded it."""
+        with self.log.client_view(self.layers, client.id):
+            return super().predict(client, x)
