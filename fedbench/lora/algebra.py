@@ -79,3 +79,8 @@ def tail_energy(sv: torch.Tensor, r: int) -> float:
 
 def frob2(x: torch.Tensor) -> float:
     return float(x.double().square().sum())
+
+
+def as_matrix(x: torch.Tensor) -> torch.Tensor:
+    """A factor in PEFT's matrix layout (a convolution's A, r x c x kh x kw, flattened to r x c kh kw)."""
+    return x.reshape(x.shape[0], -1)
