@@ -223,6 +223,11 @@ class FederatedLoRA(Method):
             params += list(client.module("head").parameters())
         return params
 
+    def correct_gradients(self, client: Client, opt: torch.optim.Optimizer) -> None:
+        """Called before every optimiser step of local training (after backward and clipping): a method
+        may change the gradients of the trainable parameters (ILoRA's control variates). Default: nothing
+        (and no hook is registered)."""
+
     def train(self, client: Client) -> None:
         params = self.trainable(client)
         ad = client.module("lora")
@@ -231,6 +236,8 @@ class FederatedLoRA(Method):
             p.requires_grad_(False)
         try:
             opt = client.optimizer(params)
+            if type(self).correct_gradients is not FederatedLoRA.correct_gradients:
+                opt.register_step_pre_hook(lambda o, args, kwargs: self.correct_gradients(client, o))
             for x, y in client.batches(self.run.epochs):
                 client.step(opt, F.cross_entropy(self.forward(client, x), y))
         finally:
