@@ -63,8 +63,8 @@ def split(q: torch.Tensor, ra: torch.Tensor, r: int, s: float) -> tuple[torch.Te
 
 @register_method("ilora")
 class ILoRA(FederatedLoRA):
-    paper = "Zhou, Liu, Shang, ILoRA: federated LoRA with heterogeneous ranks, QR aggregation and rank-aware " \
-            "control variates, arXiv 2511.16069"
+    paper = "Zhou, Liu, Shang, ILoRA, arXiv 2511.16069 (no code found; server split and control variates " \
+            "reconstructed)"
     heterogeneous_ranks = True
 
     @dataclass
