@@ -302,11 +302,11 @@ def test_ilora_control_variates_change_local_training_from_round_two():
 @pytest.mark.parametrize("ranks", [[2, 4, 8], [8, 2, 2, 4, 8], [3], [5, 5, 1], [1, 16, 4, 16, 2, 7]])
 def test_raflora_partitions_cover_each_client_rank_exactly_once(ranks):
     segs = partitions(ranks)
-    assert [lo for lo, _, _ in segs][0] == 0 and all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
+    assert [lo for lo, _, _ in segs][0] == 0 and all(a[1] == b[0] for a, b in zip(segs, segs[1:], strict=False))
     for i, r in enumerate(ranks):
         covered = [j for lo, hi, members in segs if i in members for j in range(lo, hi)]
         assert covered == list(range(r)), (ranks, i, covered)
-    for lo, hi, members in segs:
+    for _, hi, members in segs:
         assert members == [i for i, r in enumerate(ranks) if r >= hi] and members
 
 
@@ -378,7 +378,24 @@ def test_five_round_smoke_run(method):
     rows = sim.run()
     last = rows[-1].accuracy()[0]
     assert last > 0.55 and last > first + 0.2, (method, first, last)
-    assert rows[-1].global_accuracy() is not None
+    assert rows[-1].global_accuracy() > 0.5, (method, rows[-1].global_accuracy())  # measured 0.64-0.70
     for r in rows:
         assert all(math.isfinite(v) for v in r.metrics.values()), r.metrics
-        assert all((row.bytes_up > 0) == row.selected for row in r.rows)
+        for row in r.rows:
+            want = _smoke_bytes(sim, method, row.client) if row.selected else (0, 0)
+            assert (row.bytes_down, row.bytes_up) == want, (method, row)
+
+
+def _smoke_bytes(sim, method, cid) -> tuple[int, int]:
+    """(down, up) of a participant by the method's formula."""
+    m, head = sim.method, _head_bytes(sim)
+    per = sum(t.d_in + t.d_out for t in m.targets)
+    r = m.ranks[cid]
+    if method == "flasc":
+        n = 8 * per
+        return 6 * math.ceil(0.5 * n) + head, 6 * math.ceil(0.25 * n) + head
+    if method == "fslora":
+        return (4 * r * per + r + head,) * 2
+    if method == "ilora":
+        return (2 * 4 * r * per + head,) * 2
+    return (4 * r * per + head,) * 2

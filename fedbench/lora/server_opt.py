@@ -17,8 +17,19 @@ import math
 import torch
 
 from fedbench.errors import ConfigError
+from fedbench.hparams import hparam
 
 KINDS = ("adam", "adamw", "sgd")
+
+
+def server_opt_hparam() -> str:
+    """The ``--server-opt`` field of a method that steps a server optimiser."""
+    return hparam("adam", "server optimiser on the mean client update (the pseudo-gradient)", choices=KINDS)
+
+
+def server_lr_hparam(default: float) -> float:
+    """The ``--server-lr`` field, with the method's published default."""
+    return hparam(default, "server learning rate", low=0.0, low_open=True)
 
 
 class ServerOptimizer:

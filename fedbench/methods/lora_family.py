@@ -170,6 +170,12 @@ class FederatedLoRA(Method):
     def head_of(self, party) -> dict:
         return {k: v.detach().clone() for k, v in party.module("head").named_parameters()}
 
+    def with_head(self, payload: dict, party) -> dict:
+        """``payload`` plus the party's head when the head is shared (what every download/upload adds)."""
+        if self.hp.head == "shared":
+            payload["head"] = self.head_of(party)
+        return payload
+
     def download(self, server: Server, client: Client, state):
         """The global factors this method sends, at the client's rank, and the head if it is shared."""
         payload = self.factors_of(server, self.sends, self.ranks[client.id])

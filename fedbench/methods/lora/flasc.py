@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from fedbench.hparams import hparam
-from fedbench.lora.server_opt import KINDS, ServerOptimizer
+from fedbench.lora.server_opt import ServerOptimizer, server_lr_hparam, server_opt_hparam
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
@@ -73,9 +73,8 @@ class FLASC(FederatedLoRA):
                                         "(top-k by magnitude)", low=0.0, high=1.0, low_open=True)
         flasc_up: float = hparam(1.0, "upload density d_ul: the fraction of the client's update sent (top-k by "
                                       "magnitude)", low=0.0, high=1.0, low_open=True)
-        server_opt: str = hparam("adam", "server optimiser on the mean client update (the pseudo-gradient)",
-                                 choices=KINDS)
-        server_lr: float = hparam(1e-3, "server learning rate", low=0.0, low_open=True)
+        server_opt: str = server_opt_hparam()
+        server_lr: float = server_lr_hparam(1e-3)
 
     @classmethod
     def display_name(cls) -> str:
@@ -112,9 +111,7 @@ class FLASC(FederatedLoRA):
     # --- what travels ----------------------------------------------------------------------------
     def download(self, server, client, state):
         payload = {"theta": top_k(self.flat(server), self.hp.flasc_down)}
-        if self.hp.head == "shared":
-            payload["head"] = self.head_of(server)
-        return payload
+        return self.with_head(payload, server)
 
     @torch.no_grad()
     def install(self, party, payload):
@@ -128,9 +125,7 @@ class FLASC(FederatedLoRA):
     def upload(self, client):
         delta = self.sent.pop(client.id) - self.flat(client)
         payload = {"delta": top_k(delta, self.hp.flasc_up)}
-        if self.hp.head == "shared":
-            payload["head"] = self.head_of(client)
-        return payload
+        return self.with_head(payload, client)
 
     # --- server ----------------------------------------------------------------------------------
     @torch.no_grad()

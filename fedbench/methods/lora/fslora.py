@@ -31,7 +31,7 @@ import torch
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.lora.layers import adapter_spec, scaling
-from fedbench.lora.server_opt import KINDS, ServerOptimizer
+from fedbench.lora.server_opt import ServerOptimizer, server_lr_hparam, server_opt_hparam
 from fedbench.methods.lora.flasc import index_dtype
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, parse_ranks
 from fedbench.registry import register_method
@@ -67,9 +67,8 @@ class FSLoRA(FederatedLoRA):
     class Params(LoRAParams):
         fslora_ratio: float = hparam(0.5, "sketching ratio k / r for every client when --ranks is not given",
                                      low=0.0, high=1.0, low_open=True, marker="reconstruction")
-        server_opt: str = hparam("adam", "server optimiser on the mean client update (the pseudo-gradient)",
-                                 choices=KINDS)
-        server_lr: float = hparam(3e-4, "server learning rate", low=0.0, low_open=True)
+        server_opt: str = server_opt_hparam()
+        server_lr: float = server_lr_hparam(3e-4)
 
     @classmethod
     def display_name(cls) -> str:
@@ -127,9 +126,7 @@ class FSLoRA(FederatedLoRA):
         payload = {"A": {k: a[idx].clone() for k, a in f["A"].items()},
                    "B": {k: b[:, idx].clone() for k, b in f["B"].items()},
                    "index": idx.to(index_dtype(self.r_global))}
-        if self.hp.head == "shared":
-            payload["head"] = self.head_of(server)
-        return payload
+        return self.with_head(payload, server)
 
     @torch.no_grad()
     def install(self, party, payload):
@@ -146,9 +143,7 @@ class FSLoRA(FederatedLoRA):
         end = self.factors_of(client, ("A", "B"))
         payload = {part: {k: start[part][k] - end[part][k] for k in end[part]} for part in ("A", "B")}
         payload["index"] = start["index"].to(index_dtype(self.r_global))
-        if self.hp.head == "shared":
-            payload["head"] = self.head_of(client)
-        return payload
+        return self.with_head(payload, client)
 
     # --- server ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -117,9 +117,7 @@ class ILoRA(FederatedLoRA):
             A, B = {}, {}
             for key, (q, ra) in self.factors.items():
                 B[key], A[key] = split(q, ra, r, self.rate(client.id))
-            payload = {"A": A, "B": B}
-            if self.hp.head == "shared":
-                payload["head"] = self.head_of(server)
+            payload = self.with_head({"A": A, "B": B}, server)
         if self.cv:
             payload["cv"] = {"A": {k: v[:r].clone() for k, v in self.c["A"].items()},
                              "B": {k: v[:, :r].clone() for k, v in self.c["B"].items()}}
