@@ -115,8 +115,10 @@ class ILoRA(FederatedLoRA):
             payload = super().download(server, client, state)
         else:
             A, B = {}, {}
+            mods = client.module("lora").lora_B
             for key, (q, ra) in self.factors.items():
-                B[key], A[key] = split(q, ra, r, self.rate(client.id))
+                b, A[key] = split(q, ra, r, self.rate(client.id))
+                B[key] = b.reshape(mods[key].weight.shape)  # a convolution's B is d_out x r x 1 x 1
             payload = self.with_head({"A": A, "B": B}, server)
         if self.cv:
             payload["cv"] = {"A": {k: v[:r].clone() for k, v in self.c["A"].items()},
