@@ -183,6 +183,12 @@ class FederatedLoRA(Method):
     def head_of(self, party) -> dict:
         return {k: v.detach().clone() for k, v in party.module("head").named_parameters()}
 
+    def with_head(self, payload: dict, party) -> dict:
+        """``payload`` plus the party's head when the head is shared (what every download/upload adds)."""
+        if self.hp.head == "shared":
+            payload["head"] = self.head_of(party)
+        return payload
+
     def download(self, server: Server, client: Client, state):
         """The global factors this method sends, at the client's rank, and the head if it is shared."""
         payload = self.factors_of(server, self.sends, self.ranks[client.id])
@@ -230,6 +236,11 @@ class FederatedLoRA(Method):
             params += list(client.module("head").parameters())
         return params
 
+    def correct_gradients(self, client: Client, opt: torch.optim.Optimizer) -> None:
+        """Called before every optimiser step of local training (after backward and clipping): a method
+        may change the gradients of the trainable parameters (ILoRA's control variates). Default: nothing
+        (and no hook is registered)."""
+
     def train(self, client: Client) -> None:
         params = self.trainable(client)
         ad = client.module("lora")
@@ -238,6 +249,8 @@ class FederatedLoRA(Method):
             p.requires_grad_(False)
         try:
             opt = client.optimizer(params)
+            if type(self).correct_gradients is not FederatedLoRA.correct_gradients:
+                opt.register_step_pre_hook(lambda o, args, kwargs: self.correct_gradients(client, o))
             for x, y in client.batches(self.run.epochs):
                 client.step(opt, F.cross_entropy(self.forward(client, x), y))
         finally:

@@ -52,6 +52,10 @@ class FlexLoRA(FederatedLoRA):
             payload["head"] = self.head_of(server)
         return payload
 
+    def update_matrix(self, ps, As, Bs, ss, count) -> torch.Tensor:
+        """The full update the SVD allocates: sum_k p_k s_k B_k A_k (raFLoRA overrides it)."""
+        return algebra.ideal_update(ps, As, Bs, ss, count)
+
     @torch.no_grad()
     def aggregate(self, server, uploads):
         ps = [u.weight for u in uploads]
@@ -65,7 +69,7 @@ class FlexLoRA(FederatedLoRA):
             As = [u.payload["A"][t.key] for u in uploads]
             Bs = [u.payload["B"][t.key] for u in uploads]
             ss = [self.rate(self.ranks[u.client]) for u in uploads]
-            delta = algebra.ideal_update(ps, As, Bs, ss, server.count_macs)
+            delta = self.update_matrix(ps, As, Bs, ss, server.count_macs)
             u_, sv, vh = algebra.svd(delta, server.count_macs)
             self.factors[t.key] = (u_, sv, vh)
             B_g[t.key], A_g[t.key] = algebra.truncate(u_, sv, vh, self.r_global, s_g)
