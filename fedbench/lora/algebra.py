@@ -26,6 +26,7 @@ def ideal_update(ps, As, Bs, ss, count: Count = None) -> torch.Tensor:
     """FedAvg of the clients' effective updates: sum_i p_i s_i B_i A_i (d_out x d_in)."""
     out = None
     for p, a, b, s in zip(ps, As, Bs, ss, strict=True):
+        a, b = as_matrix(a), as_matrix(b)  # a convolution's factors in matrix form
         if count is not None:
             count(product_macs(b.shape[0], b.shape[1], a.shape[1]))
         term = (float(p) * float(s)) * (b @ a)
@@ -36,7 +37,7 @@ def ideal_update(ps, As, Bs, ss, count: Count = None) -> torch.Tensor:
 def fedit_error(ps, As, Bs, s: float) -> torch.Tensor:
     """s (sum_i p_i B_i A_i - B_bar A_bar): what averaging the factors separately loses (spec §5.1);
     equal to s sum_i p_i (B_i - B_bar)(A_i - A_bar) when sum p_i = 1."""
-    a_bar, b_bar = weighted_sum(ps, As), weighted_sum(ps, Bs)
+    a_bar, b_bar = as_matrix(weighted_sum(ps, As)), as_matrix(weighted_sum(ps, Bs))
     return ideal_update(ps, As, Bs, [s] * len(ps)) - s * (b_bar @ a_bar)
 
 

@@ -45,8 +45,11 @@ class FlexLoRA(FederatedLoRA):
         r = self.ranks[client.id]
         s = client.module("lora").scaling
         A, B = {}, {}
+        ad = client.module("lora")
         for key, (u, sv, vh) in self.factors.items():
-            B[key], A[key] = algebra.truncate(u, sv, vh, r, s)
+            b, a = algebra.truncate(u, sv, vh, r, s)
+            # in the client's layout (a convolution's factors are 4-d)
+            B[key], A[key] = b.reshape(ad.lora_B[key].weight.shape), a.reshape(ad.lora_A[key].weight.shape)
         payload = {"A": A, "B": B}
         if self.hp.head == "shared":
             payload["head"] = self.head_of(server)

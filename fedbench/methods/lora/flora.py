@@ -49,7 +49,8 @@ class FLoRA(FederatedLoRA):
         missed = [(t, st) for t, st in self.stacks if t > self.synced[client.id]]
         if self.hp.flora_download == "dense":
             s = server.module("lora").scaling
-            payload = {"dense": {k: sum(s * (st[k][1] @ st[k][0]) for _, st in missed) for k in self.layers}} \
+            payload = {"dense": {k: sum(s * (algebra.as_matrix(st[k][1]) @ algebra.as_matrix(st[k][0]))
+                                         for _, st in missed) for k in self.layers}} \
                 if missed else {}
         else:
             payload = {"stacks": {str(t): {"A": {k: a for k, (a, _) in st.items()},
@@ -92,8 +93,9 @@ class FLoRA(FederatedLoRA):
             Bs = [u.payload["B"][t.key] for u in uploads]
             ss = [self.scaling_of(u.client) for u in uploads]
             a, b = algebra.stack(ps, As, Bs, ss, s_out)
-            server.count_macs(algebra.product_macs(b.shape[0], b.shape[1], a.shape[1]))
-            self.merge(t.key, s_out * (b @ a))
+            am, bm = algebra.as_matrix(a), algebra.as_matrix(b)  # a convolution's stacks in matrix form
+            server.count_macs(algebra.product_macs(bm.shape[0], bm.shape[1], am.shape[1]))
+            self.merge(t.key, s_out * (bm @ am))
             stacked[t.key] = (a, b)
         self.stacks.append((server.round, stacked))
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fedbench.hparams import hparam
+from fedbench.lora.algebra import as_matrix
 from fedbench.metering.algebra import product_macs
 from fedbench.methods.lora.flexlora import FlexLoRA
 from fedbench.methods.lora_family import LoRAParams
@@ -44,7 +45,7 @@ def partitioned_update(ps, As, Bs, ss, renorm: bool = True, count=None) -> torch
     for lo, hi, members in partitions([a.shape[0] for a in As]):
         total = sum(float(ps[i]) for i in members) if renorm else 1.0
         for i in members:
-            b, a = Bs[i][:, lo:hi], As[i][lo:hi]
+            b, a = as_matrix(Bs[i])[:, lo:hi], as_matrix(As[i])[lo:hi]  # a convolution's in matrix form
             if count is not None:
                 count(product_macs(b.shape[0], b.shape[1], a.shape[1]))
             term = (float(ps[i]) / total * float(ss[i])) * (b @ a)
