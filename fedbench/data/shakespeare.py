@@ -61,6 +61,11 @@ class Corpus:
     digest: str
     source: str
 
+    @property
+    def info(self):
+        from fedbench.data.sources import DATASETS
+        return DATASETS["shakespeare"]
+
     def roles(self, include_reserved: bool = False) -> list[Role]:
         return [r for p, rs in sorted(self.plays.items()) for r in rs
                 if include_reserved or p not in PRETRAIN_PLAYS]
