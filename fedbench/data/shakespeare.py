@@ -84,8 +84,10 @@ class Corpus:
         return "\n".join(line for p in PRETRAIN_PLAYS for r in self.plays.get(p, []) for line in r.lines)
 
     def alphabet(self) -> str:
-        """Every character of every role's lines (the character-level vocabulary), sorted."""
-        return "".join(sorted({c for rs in self.plays.values() for r in rs for line in r.lines for c in line}))
+        """Every character of every role's lines, and the newline that joins lines (the character-level
+        vocabulary), sorted."""
+        chars = {c for rs in self.plays.values() for r in rs for line in r.lines for c in line}
+        return "".join(sorted(chars | {"\n"}))
 
 
 def is_speaker(line: str) -> bool:
