@@ -566,6 +566,10 @@ def partition_cmd(**kw):
     if heatmap is not None and not Path(heatmap).parent.is_dir():
         raise ConfigError(f"--heatmap {heatmap}: directory {Path(heatmap).parent} does not exist")
     cfg = make_config(kw)
+    from fedbench.data.sources import TEXT_DATASETS
+    if cfg.dataset in TEXT_DATASETS:
+        raise ConfigError(f"--dataset {cfg.dataset} is partitioned by its own (play, role) clients, tokenised by a "
+                          f"backbone: see `fedbench run --dataset {cfg.dataset} --method fedit --backbone char-lm`")
     arrays = load_dataset(cfg.dataset, data_dir)
     import torch
     fd = build_federated_data(arrays, cfg, torch.device("cpu"))

@@ -280,7 +280,7 @@ def test_smollm2_one_fedit_round(tmp_path):
     assert p.backbone_info["digest"] == file_sha256(path)[:16]  # the GGUF's digest is in the run identity
     rec = simulate(p)
     row = [r for r in rec.rounds[0].rows if r.selected][0]
-    assert row.bytes_up == 4 * 2 * 2 * 30 * (576 + 576 + 576 + 192)  # r (d_in + d_out) per q and v, 30 layers
+    assert row.bytes_up == 4 * 2 * 30 * (576 + 576 + 576 + 192)  # fp32, r = 2, q 576->576 and v 576->192 (GQA), 30 layers
     assert row.train_macs > 0 and np.isfinite(rec.rounds[0].metrics["agg_deviation"])
     assert np.isfinite(rec.rounds[0].metrics["global_test_ppl"])
 
