@@ -149,6 +149,26 @@ def test_bad_input_one_line_exit_2(case, data_dir, tmp_path, capsys):
     assert not results.exists()
 
 
+@pytest.mark.parametrize("case", ["random-file", "vision-dir", "missing"])
+def test_smollm2_bad_model_path(case, data_dir, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    results = tmp_path / "r.sqlite"
+    if case == "random-file":
+        path = tmp_path / "model.gguf"
+        path.write_bytes(os.urandom(512))
+    elif case == "vision-dir":
+        path = tmp_path / "vit"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    else:
+        path = tmp_path / "absent"
+    code, err = run_cli([*BASE, "--backbone", "smollm2", "--model-path", str(path), "--data-dir", str(data_dir),
+                         "--results", str(results)], capsys)
+    assert code == 2 and len(err) == 1 and str(path) in err[0], err
+    assert not results.exists()
+
+
 def test_vision_backbone_with_text_refused(data_dir, tmp_path, capsys):
     code, err = run_cli([*BASE, "--backbone", "vit", "--data-dir", str(data_dir),
                          "--results", str(tmp_path / "r.sqlite")], capsys)

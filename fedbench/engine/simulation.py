@@ -199,13 +199,14 @@ class Simulation:
         rows = {c.id: ClientRow(c.id, False) for c in self.clients}
         self.batches.samples[:] = 0
         self._metrics = {}
+        initial: dict = {}
+        if t == 1 and getattr(cfg, "eval_initial", False):  # FLOPs in round 1's eval, time in none of its times
+            self._evaluate_initial(initial)
         self._sync()
         t0 = time.perf_counter()
         if t == 1 and method.push == "all" and self.broadcast is not None:
             for c in self.clients:
                 method.receive(c, self._download(c, rows))
-        if t == 1 and getattr(cfg, "eval_initial", False):
-            self._evaluate_initial(round_metrics_initial := {})
         selected = self.sample(t)
         uploads = []
         w = self.agg_n[selected] / self.agg_n[selected].sum()
@@ -227,9 +228,7 @@ class Simulation:
         self._sync()
         t1 = time.perf_counter()
         evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
-        round_metrics = self._metrics.pop("round", {})
-        if t == 1 and getattr(cfg, "eval_initial", False):
-            round_metrics.update(round_metrics_initial)
+        round_metrics = {**self._metrics.pop("round", {}), **initial}
         if evaluated:
             for c in self.clients:
                 with self.meter.scope(c.id, "eval"), self.compute():
