@@ -130,6 +130,13 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
         t.add_row("global model, union of test splits", _pct(s["acc_last_global"]), _pct(s["acc_best_global"]),
                   _pct(s["acc_last10_global"]))
     out.print(t)
+    lang = s.get("language")
+    if lang:  # the language tier: accuracy above is next-token accuracy
+        before = lang.get("global_initial_test_ppl")
+        start = f"{before:.2f} before training (loss {lang['global_initial_test_loss']:.4f}), " if before else ""
+        after = lang.get("global_test_ppl")
+        end = f"{after:.2f} at the last evaluation (loss {lang['global_test_loss']:.4f})" if after else ""
+        out.print(f"global model's test perplexity (next-token accuracy above): {start}{end}")
     c = Table(show_header=True, title="cost", title_justify="left")
     c.add_column("quantity")
     c.add_column("total", justify="right")

@@ -118,6 +118,21 @@ def test_fedit_bytes_are_the_factors_only(data_dir):
     assert all(row.bytes_up == expected and row.bytes_down == expected for row in rec.rounds[0].rows if row.selected)
 
 
+def test_summary_reports_perplexity_before_and_last():
+    import pandas as pd
+
+    from fedbench.summary import summarize
+    rounds = pd.DataFrame({"round": [1, 2], "wall_s": [1.0, 1.0], "train_s": [0.5, 0.5], "eval_s": [0.5, 0.5],
+                           "server_macs": [0, 0], "evaluated": [1, 1]})
+    rm = pd.DataFrame({"round": [1, 1, 1, 2], "name": ["global_initial_test_ppl", "global_test_ppl",
+                                                      "global_initial_test_loss", "global_test_ppl"],
+                       "value": [20.0, 15.0, 3.0, 12.0]})
+    s = summarize(rounds, pd.DataFrame(columns=["round", "client", "selected", "bytes_up", "bytes_down",
+                                                "train_macs", "eval_macs", "train_samples", "correct", "total"]), rm)
+    assert s["language"] == {"global_initial_test_ppl": 20.0, "global_test_ppl": 12.0, "global_initial_test_loss": 3.0}
+    assert "global_test_ppl" not in s["metrics"]
+
+
 # --------------------------------------------------------------------------- bad input via the CLI
 
 
