@@ -184,6 +184,12 @@ def test_smollm2_bad_model_path(case, data_dir, tmp_path, capsys):
     assert not results.exists()
 
 
+def test_full_ft_refused_on_the_language_tier():
+    from fedbench.errors import ConfigError
+    with pytest.raises(ConfigError, match="full-ft"):
+        make_config({"method": "full-ft", "dataset": "shakespeare", "backbone": "char-lm"})
+
+
 def test_vision_backbone_with_text_refused(data_dir, tmp_path, capsys):
     code, err = run_cli([*BASE, "--backbone", "vit", "--data-dir", str(data_dir),
                          "--results", str(tmp_path / "r.sqlite")], capsys)
