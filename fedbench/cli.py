@@ -265,7 +265,12 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
                     out.print(f"      {f.metadata['help']}", markup=False)
                 out.print()
     elif what == "datasets":
+        from fedbench.data.sources import TEXT_DATASETS
         for name, info in DATASETS.items():
+            if name in TEXT_DATASETS:
+                out.print(f"{name}: text, clients are (play, role), next-token prediction with --backbone char-lm "
+                          f"or smollm2 (`fedbench data fetch shakespeare`)")
+                continue
             out.print(f"{name}: {info.num_classes} classes, default classes per client {info.default_classes_per_client}")
     elif what == "models":
         for name, (c1, c2, f1) in CNN_WIDTHS.items():
