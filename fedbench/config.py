@@ -10,7 +10,7 @@ from typing import Any
 
 from fedbench import hparams
 from fedbench.data.partition import PARTITIONERS
-from fedbench.data.sources import DATASETS, dataset_info
+from fedbench.data.sources import DATASETS, TEXT_DATASETS, dataset_info
 from fedbench.data.transforms import AUGMENTATIONS
 from fedbench.errors import ConfigError, choice_error
 from fedbench.hparams import hparam
@@ -65,6 +65,12 @@ class RunConfig:
                                         "math in another summation order")
     fused_sgd: bool = hparam(False, "SGD as one fused kernel per step (torch's fused=True): the same update to "
                                     "float rounding (a few values in a million differ by 1 ulp), 2-4x faster steps")
+    seq_len: int = hparam(64, "language tier: tokens per training/evaluation window", low=2)
+    test_fraction: float = hparam(0.2, "language tier: the last fraction of each role's lines held out as its test "
+                                       "split", low=0.0, high=1.0, low_open=True, high_open=True)
+    eval_initial: bool = hparam(False, "also evaluate every client and the global model before round 1's training "
+                                       "(initial_* metrics of round 1: the starting point)")
+    min_role_lines: int = hparam(40, "language tier: roles with fewer lines are no client", low=2)
     seed: int = hparam(42, "master seed: partition, initialisation, sampling, data order, augmentation")
     method_params: dict = field(default_factory=dict)
 
@@ -101,7 +107,8 @@ class RunConfig:
 
 
 CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_params"}
-LATE_FIELDS = ("fused_sgd", "optimizer", "lr_schedule", "lr_min", "local_steps")
+LATE_FIELDS = ("fused_sgd", "optimizer", "lr_schedule", "lr_min", "local_steps", "seq_len", "test_fraction",
+               "min_role_lines", "eval_initial")
 
 # Defaults that depend on the device a run is made on, applied when the user leaves the option unset
 # and stored concretely in the config (so a run's identity never depends on where it is looked up).
@@ -139,6 +146,8 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     if clash:
         raise ConfigError(f"method {method_name} declares option {hparams.option_name(clash[0])}, which is a run "
                           f"option; the plugin must rename it")
+    if core.get("dataset") in TEXT_DATASETS:  # naturally partitioned: the data's own clients
+        core.setdefault("partition", "natural")
     checked = {k: hparams.coerce(CORE_FIELDS[k], v, "run") for k, v in core.items()}
     mp = hparams.build(method_cls.Params, rest, f"method {method_name}")
     cfg = RunConfig(**checked, method_params=dataclasses.asdict(mp))
@@ -151,6 +160,9 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
         cfg = dataclasses.replace(cfg, classes_per_client=info.default_classes_per_client)
     if cfg.partition == "pathological" and cfg.classes_per_client > K:
         raise ConfigError(f"--classes-per-client {cfg.classes_per_client} exceeds the {K} classes of {cfg.dataset}")
+    if (cfg.dataset in TEXT_DATASETS) != (cfg.partition == "natural"):
+        raise ConfigError(f"--partition {cfg.partition} with --dataset {cfg.dataset}: the natural partition is "
+                          f"that of the naturally partitioned datasets ({', '.join(TEXT_DATASETS)}), and theirs only")
     if int(cfg.fraction * cfg.clients) < 1:
         raise ConfigError(f"--fraction {cfg.fraction} with --clients {cfg.clients} samples no client per round; "
                           f"need fraction x clients >= 1")

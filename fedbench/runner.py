@@ -24,9 +24,10 @@ import torch
 
 import fedbench
 from fedbench.config import RunConfig, method_params_obj
-from fedbench.data.sources import Arrays, load_dataset
+from fedbench.data.sources import TEXT_DATASETS, Arrays, load_dataset
 from fedbench.engine.data import FederatedData, build_federated_data
 from fedbench.engine.simulation import RoundResult, Simulation, resolve_device
+from fedbench.errors import ConfigError
 from fedbench.store import ClaimLost, Store
 from fedbench.summary import summarize
 
@@ -65,12 +66,28 @@ def load_shared_backbone(cfg: RunConfig, data_dir) -> tuple[torch.nn.Module, dic
     req = cfg.method_class().backbone_request(params)
     if req is None:
         return None, None
+    from fedbench.lm import LM_BACKBONES
+    if req["name"] in LM_BACKBONES:
+        module, info, _ = load_language_backbone(cfg, data_dir, req)
+        return module, info
     from fedbench.pretrain import load_backbone
     module, info = load_backbone(req["name"], cfg.num_classes, data_dir, model_path=req["model_path"] or None,
                                  init=req["init"], seed=cfg.seed)
     cfg.method_class().check_backbone(params, cfg, module)
     info = {"name": info.name, "digest": info.digest, "source": str(info.source), "recipe": info.recipe}
     return module, info
+
+
+def load_language_backbone(cfg: RunConfig, data_dir, req: dict):
+    """(module, provenance, tokenizer) of a language backbone, checked against the method's targets."""
+    from fedbench.data.sources import default_data_dir, load_dataset
+    from fedbench.lm.loading import load_lm_backbone
+    data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    corpus = load_dataset(cfg.dataset, data_dir)
+    module, info, tok = load_lm_backbone(req["name"], corpus, data_dir, init=req["init"], seed=cfg.seed,
+                                         model_path=req["model_path"] or None)
+    cfg.method_class().check_backbone(method_params_obj(cfg), cfg, module)
+    return module, info, tok
 
 
 def identity_digest(cfg: RunConfig, data_digest: str, data_dir, _cache: dict | None = None) -> str:
@@ -92,8 +109,19 @@ def prepare(cfg: RunConfig, data_dir: Path | str | None, device: str = "auto",
     """Everything that can fail on user input, done before the store is touched."""
     dev = resolve_device(device)
     arrays = arrays or load_dataset(cfg.dataset, data_dir)
-    data = build_federated_data(arrays, cfg, dev)
     label = cfg.method_class().label(method_params_obj(cfg))
+    if cfg.dataset in TEXT_DATASETS:  # the language tier: tokenised by the backbone's tokenizer
+        from fedbench.lm.data import build_token_data
+        req = cfg.method_class().backbone_request(method_params_obj(cfg))
+        if req is None:
+            raise ConfigError(f"--dataset {cfg.dataset} is text: it needs a method with a language backbone "
+                              f"(the federated-LoRA family with --backbone char-lm or smollm2)")
+        backbone, info, tok = load_language_backbone(cfg, data_dir, req)
+        data = build_token_data(arrays, tok, cfg, dev)
+        p = Prepared(cfg, arrays, data, dev, "", label, backbone, info)
+        p.run_id = cfg.run_hash(p.identity_digest)
+        return p
+    data = build_federated_data(arrays, cfg, dev)
     backbone, info = load_shared_backbone(cfg, data_dir)
     p = Prepared(cfg, arrays, data, dev, "", label, backbone, info)
     p.run_id = cfg.run_hash(p.identity_digest)

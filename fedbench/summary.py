@@ -33,6 +33,9 @@ def global_accuracy_series(round_metrics: pd.DataFrame | None) -> pd.Series:
     return w["global_correct"] / w["global_total"]
 
 
+LANGUAGE_METRICS = ("global_initial_test_loss", "global_initial_test_ppl", "global_test_loss", "global_test_ppl")
+
+
 def summarize(rounds: pd.DataFrame, client_rounds: pd.DataFrame, round_metrics: pd.DataFrame | None = None) -> dict:
     acc = accuracy_series(client_rounds)
     n_rounds = int(rounds["round"].max()) if len(rounds) else 0
@@ -65,6 +68,12 @@ def summarize(rounds: pd.DataFrame, client_rounds: pd.DataFrame, round_metrics: 
                 continue
             v = grp.sort_values("round")["value"].to_numpy(dtype=float)
             metrics[name] = {"last": float(v[-1]), "mean": float(v.mean()), "max": float(v.max())}
+        language = {}  # the language tier: the global model's token loss and perplexity, before and last
+        for name, grp in round_metrics.groupby("name"):
+            if name in LANGUAGE_METRICS:
+                language[name] = float(grp.sort_values("round")["value"].to_numpy(dtype=float)[-1])
+        if language:
+            out["language"] = language
         ge = round_metrics[round_metrics["name"] == "global_eval_macs"]["value"]
         out["global_eval_tflops"] = 2 * float(ge.sum()) / 1e12
     out["metrics"] = metrics

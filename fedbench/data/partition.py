@@ -15,7 +15,7 @@ import numpy as np
 from fedbench.errors import ConfigError, choice_error
 
 SPLITS = ("train", "val", "test")
-PARTITIONERS = ("pathological", "dirichlet", "iid")
+PARTITIONERS = ("pathological", "dirichlet", "iid", "natural")  # natural: the dataset's own clients
 
 
 @dataclass
@@ -141,6 +141,9 @@ def make_partition(kind: str, labels: dict[str, np.ndarray], num_classes: int, n
     """Partition every split of ``labels`` ({"train": y, "val": y, "test": y}) among clients."""
     if kind not in PARTITIONERS:
         raise choice_error("partition", kind, PARTITIONERS)
+    if kind == "natural":
+        raise ConfigError("--partition natural is the own client split of a naturally partitioned dataset "
+                          "(shakespeare); image datasets need pathological, dirichlet or iid")
     n_train = len(labels["train"])
     if num_clients > n_train:
         raise ConfigError(f"--clients {num_clients} exceeds the {n_train} training samples")

@@ -34,7 +34,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", 10, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2, "CIFAR10"),
     "cifar100": DatasetInfo("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10, "CIFAR100"),
     "synthetic": DatasetInfo("synthetic", 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 2, None),
+    # the language tier (fedbench/data/shakespeare.py): clients are (play, role), tokens are the backbone's
+    "shakespeare": DatasetInfo("shakespeare", 1, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1, None),
 }
+TEXT_DATASETS = ("shakespeare",)
 
 
 @dataclass
@@ -158,6 +161,9 @@ def load_dataset(name: str, data_dir: Path | str | None = None, *, download: boo
     if name == "synthetic":
         return synthetic_arrays()
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if name in TEXT_DATASETS:  # the parsed archive (a Corpus: digest, source, info), not image arrays
+        from fedbench.data.shakespeare import load_corpus
+        return load_corpus(data_dir)
     path = data_dir / f"{name}.npz"
     if path.is_dir():
         raise ConfigError(f"dataset path {path} is a directory, expected a .npz file")

@@ -201,6 +201,9 @@ class Simulation:
         rows = {c.id: ClientRow(c.id, False) for c in self.clients}
         self.batches.samples[:] = 0
         self._metrics = {}
+        initial: dict = {}
+        if t == 1 and getattr(cfg, "eval_initial", False):  # FLOPs in round 1's eval, time in none of its times
+            self._evaluate_initial(initial)
         self._sync()
         t0 = time.perf_counter()
         if t == 1 and method.push == "all" and self.broadcast is not None:
@@ -227,7 +230,7 @@ class Simulation:
         self._sync()
         t1 = time.perf_counter()
         evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
-        round_metrics = self._metrics.pop("round", {})
+        round_metrics = {**self._metrics.pop("round", {}), **initial}
         if evaluated:
             for c in self.clients:
                 with self.meter.scope(c.id, "eval"), self.compute():
@@ -239,6 +242,7 @@ class Simulation:
                     round_metrics.update(global_correct=correct, global_total=total)
         self._sync()
         t2 = time.perf_counter()
+        self._named_eval_metrics(round_metrics)
         macs = self.meter.take()
         for (who, kind), v in macs.items():
             if who == "server":
@@ -255,6 +259,31 @@ class Simulation:
         server_macs = sum(v for (who, _), v in macs.items() if who == "server")
         return RoundResult(t, t2 - t0, t1 - t0, t2 - t1, server_macs, evaluated, list(rows.values()),
                            round_metrics)
+
+    def _named_eval_metrics(self, round_metrics: dict, prefix: str = "") -> None:
+        """Metrics the evaluator names (token loss, perplexity): per client, the global model's per round."""
+        take = getattr(self.evaluator, "take_metrics", None)
+        for who, named in (take() if take is not None else {}).items():
+            for name, v in named.items():
+                if who == "global":
+                    round_metrics[f"global_{prefix}{name}"] = v
+                else:
+                    self._metrics.setdefault(who, {})[prefix + name] = v
+
+    def _evaluate_initial(self, round_metrics: dict) -> None:
+        """``--eval-initial``: every client and the global model before the first round's training (the
+        starting point, e.g. the pretrained LM's perplexity), as ``initial_*`` metrics of round 1."""
+        for c in self.clients:
+            with self.meter.scope(c.id, "eval"), self.compute():
+                correct, total = self.evaluate(c)
+            if correct is not None and total:
+                self.report(c, "initial_accuracy", correct / total)
+        if self.has_global_model:
+            with self.meter.scope("global", "eval"), self.compute():
+                correct, total = self.evaluator.global_model(self.method, self.server)
+            if correct is not None and total:
+                round_metrics["global_initial_accuracy"] = correct / total
+        self._named_eval_metrics(round_metrics, "initial_")
 
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
         results = []

@@ -74,7 +74,7 @@ class FlopMeter:
         for m in module.modules():
             if id(m) in self._attached:
                 continue
-            if isinstance(m, _NORMS):
+            if isinstance(m, _NORMS) or type(m).__name__.endswith("RMSNorm"):
                 continue  # elementwise, like activations (fvcore counts norms, FlopCounterMode does not)
             if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False)):
                 self._meter_leaf(m)
@@ -143,7 +143,8 @@ class FlopMeter:
         return out
 
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# embeddings are lookups (no multiply-adds): skipped like the norms
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)
 _MATMULS = {torch.matmul, torch.bmm, torch.mm, torch.Tensor.matmul, torch.Tensor.__matmul__,
             torch.Tensor.bmm, torch.Tensor.mm}
 

@@ -30,9 +30,9 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.layers import TARGET_PRESETS, Target, activate, adapter_spec, find_targets, inject
 from fedbench.methods.base import Client, Method, Server, Upload
-from fedbench.models.cnn import linear_spec
+from fedbench.models.cnn import ModuleSpec, linear_spec
 
-BACKBONES = ("vit", "resnet")
+BACKBONES = ("vit", "resnet", "smollm2", "char-lm")  # the last two: language tier (fedbench/lm)
 HEADS = ("shared", "local", "frozen")
 
 
@@ -108,6 +108,12 @@ class FederatedLoRA(Method):
 
     @classmethod
     def check_config(cls, p, cfg) -> None:
+        from fedbench.data.sources import TEXT_DATASETS
+        from fedbench.lm import LM_BACKBONES
+        if (p.backbone in LM_BACKBONES) != (cfg.dataset in TEXT_DATASETS):
+            raise ConfigError(f"--backbone {p.backbone} with --dataset {cfg.dataset}: language backbones "
+                              f"({', '.join(LM_BACKBONES)}) go with text datasets ({', '.join(TEXT_DATASETS)}), "
+                              f"vision backbones with image datasets")
         ranks = parse_ranks(p, cfg.clients)
         if len(set(ranks)) > 1 and not cls.heterogeneous_ranks:
             from fedbench.registry import methods
@@ -153,7 +159,14 @@ class FederatedLoRA(Method):
         return adapter_spec(self.targets, r, self.hp.lora_alpha, self.hp.rslora)
 
     def head_spec(self):
+        if getattr(self.server.backbone, "own_head", False):  # an LM's tied head: nothing to add, train or send
+            return ModuleSpec.of("identity-head")
         return linear_spec(self.feature_dim, self.run.num_classes)
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, or the backbone's own (an LM's: mean over non-padding tokens)."""
+        own = getattr(self.server.backbone, "task_loss", None)
+        return own(logits, y) if own is not None else F.cross_entropy(logits, y)
 
     def client_init(self, client: Client) -> None:
         client.own("lora", self.spec(self.ranks[client.id]))
@@ -252,7 +265,7 @@ class FederatedLoRA(Method):
             if type(self).correct_gradients is not FederatedLoRA.correct_gradients:
                 opt.register_step_pre_hook(lambda o, args, kwargs: self.correct_gradients(client, o))
             for x, y in client.batches(self.run.epochs):
-                client.step(opt, F.cross_entropy(self.forward(client, x), y))
+                client.step(opt, self.task_loss(self.forward(client, x), y))
         finally:
             for p in frozen:
                 p.requires_grad_(True)

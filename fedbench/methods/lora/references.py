@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedbench.errors import ConfigError
 from fedbench.lora import algebra
 from fedbench.methods.lora_family import FederatedLoRA
 from fedbench.models.cnn import ModuleSpec, builder
@@ -58,6 +59,14 @@ class FullFineTuning(FederatedLoRA):
     @classmethod
     def label(cls, p) -> str:
         return f"Full FT (FedAvg) ({p.backbone}, head={p.head})"
+
+    @classmethod
+    def check_config(cls, p, cfg) -> None:
+        super().check_config(p, cfg)
+        from fedbench.lm import LM_BACKBONES
+        if p.backbone in LM_BACKBONES:
+            raise ConfigError(f"full-ft rebuilds a vision backbone per client and has no language-tier version "
+                              f"(--backbone {p.backbone}); use fedit, flora, flexlora or another LoRA method")
 
     @classmethod
     def check_backbone(cls, p, cfg, backbone):
