@@ -16,6 +16,7 @@ them): ``ModuleState`` (client/server tensors bound to workspace modules), ``Bat
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,22 @@ class RoundResult:
         return None if c is None or not n else c / n
 
 
+CLIENT_BATCHING = ("auto", "on", "off")
+CLIENT_BATCHING_ENV = "FEDBENCH_CLIENT_BATCHING"  # on | off | auto: the default of Simulation(client_batching=None)
+
+
+def resolve_client_batching(choice: str | None, device: torch.device) -> bool:
+    """Whether a round's participants train jointly (methods that offer ``client_update_many``; an
+    execution option like prefetch: it changes no result, only the speed). ``auto``: on (the batched
+    round was faster on both the CPU and the GPU in benchmarks/batched_round.py)."""
+    choice = os.environ.get(CLIENT_BATCHING_ENV, "auto") if choice is None else choice
+    choice = choice.strip().lower()
+    if choice not in CLIENT_BATCHING:
+        from fedbench.errors import ConfigError
+        raise ConfigError(f"--client-batching {choice!r}: expected one of {', '.join(CLIENT_BATCHING)}")
+    return choice != "off"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,8 +106,9 @@ class Simulation:
     def __init__(self, cfg: RunConfig, data: FederatedData, device: torch.device,
                  prefetch: bool | None = None, *, backbone: nn.Module | None = None,
                  batches: BatchSource | None = None, optim: LocalOptimizer | None = None,
-                 evaluator: Evaluator | None = None) -> None:
+                 evaluator: Evaluator | None = None, client_batching: str | None = None) -> None:
         self.cfg = cfg
+        self.client_batching = resolve_client_batching(client_batching, device)
         self.data = data
         self.device = device
         if device.type == "cpu":
@@ -207,14 +225,17 @@ class Simulation:
         selected = self.sample(t)
         uploads = []
         w = self.agg_n[selected] / self.agg_n[selected].sum()
-        for k, wk in zip(selected, w, strict=True):
-            c, row = self.clients[k], rows[k]
-            row.selected = True
-            down = self._download(c, rows) if method.push == "selected" else self.broadcast
-            with self.meter.scope(k, "train"), self.compute():
-                up = method.client_update(c, down)
-            row.bytes_up += payload_bytes(up)
-            uploads.append(Upload(k, float(wk), up))
+        if self._joint(selected):
+            self._joint_updates(selected, w, rows, uploads)
+        else:
+            for k, wk in zip(selected, w, strict=True):
+                c, row = self.clients[k], rows[k]
+                row.selected = True
+                down = self._download(c, rows) if method.push == "selected" else self.broadcast
+                with self.meter.scope(k, "train"), self.compute():
+                    up = method.client_update(c, down)
+                row.bytes_up += payload_bytes(up)
+                uploads.append(Upload(k, float(wk), up))
         with self.meter.scope("server", "train"):
             self.broadcast = method.server_update(self.server, uploads)
         if method.push == "all" and self.broadcast is not None:
@@ -253,6 +274,31 @@ class Simulation:
         server_macs = sum(v for (who, _), v in macs.items() if who == "server")
         return RoundResult(t, t2 - t0, t1 - t0, t2 - t1, server_macs, evaluated, list(rows.values()),
                            round_metrics)
+
+    def _joint(self, selected: list[int]) -> bool:
+        m = self.method
+        return (self.client_batching and len(selected) > 1 and hasattr(m, "client_update_many")
+                and m.batchable())
+
+    def _joint_updates(self, selected: list[int], w, rows: dict, uploads: list) -> None:
+        """The participants' updates in one call of ``client_update_many`` (batched local training). The
+        per-client rows are those of the one-by-one loop: bytes per payload, MACs credited per client by
+        the method's joint pass (anything left in the joint scope is an error), samples per client."""
+        method = self.method
+        clients = [self.clients[k] for k in selected]
+        downs = []
+        for c in clients:
+            rows[c.id].selected = True
+            downs.append(self._download(c, rows) if method.push == "selected" else self.broadcast)
+        with self.meter.scope("joint", "train"), self.compute():
+            ups = method.client_update_many(clients, downs)
+        stray = {k: v for k, v in self.meter.macs.items() if k[0] == "joint" and v}
+        if stray:
+            raise RuntimeError(f"{method.name}: client_update_many counted {stray} MACs outside its joint pass")
+        self.meter.macs.pop(("joint", "train"), None)
+        for c, wk, up in zip(clients, w, ups, strict=True):
+            rows[c.id].bytes_up += payload_bytes(up)
+            uploads.append(Upload(c.id, float(wk), up))
 
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
         results = []
