@@ -198,7 +198,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_batched_round_equals_one_by_one(case):
     a, b = _sim("off", **CASES[case]), _sim("on", **CASES[case])
-    assert not a.client_batching and b.client_batching and b.method.batchable()
+    assert a.client_batching == "off" and b.client_batching == "on" and b._joint([0, 1])
     start = {k: [t.clone() for t in ts] for k, ts in b.state.tensors.items()}
     for t in (1, 2):
         ra, rb = a.run_round(t), b.run_round(t)
@@ -229,8 +229,17 @@ def test_methods_that_train_their_own_way_opt_out():
 
 def test_client_batching_switch_values(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_client_batching("on", cpu) and not resolve_client_batching("off", cpu)
+    assert resolve_client_batching("on", cpu) == "on" and resolve_client_batching(" OFF", cpu) == "off"
     monkeypatch.setenv("FEDBENCH_CLIENT_BATCHING", "off")
-    assert not resolve_client_batching(None, cpu)
+    assert resolve_client_batching(None, cpu) == "off"
+    monkeypatch.delenv("FEDBENCH_CLIENT_BATCHING")
+    assert resolve_client_batching(None, cpu) == "auto"
     with pytest.raises(ConfigError, match="'sometimes'.*auto, on, off"):
         resolve_client_batching("sometimes", cpu)
+
+
+def test_auto_batches_linear_adapters_only():
+    vit = _sim("auto", rounds=1)
+    resnet = _sim("auto", rounds=1, backbone="resnet", targets="conv", method="fedit", ranks="")
+    assert vit._joint([0, 1]) and not resnet._joint([0, 1])
+    assert _sim("on", rounds=1, backbone="resnet", targets="conv", method="fedit", ranks="")._joint([0, 1])

@@ -81,16 +81,18 @@ CLIENT_BATCHING = ("auto", "on", "off")
 CLIENT_BATCHING_ENV = "FEDBENCH_CLIENT_BATCHING"  # on | off | auto: the default of Simulation(client_batching=None)
 
 
-def resolve_client_batching(choice: str | None, device: torch.device) -> bool:
-    """Whether a round's participants train jointly (methods that offer ``client_update_many``; an
-    execution option like prefetch: it changes no result, only the speed). ``auto``: on (the batched
-    round was faster on both the CPU and the GPU in benchmarks/batched_round.py)."""
+def resolve_client_batching(choice: str | None, device: torch.device) -> str:
+    """Whether a round's participants train jointly ("on" | "off" | "auto"; methods that offer
+    ``client_update_many``; an execution option like prefetch: it changes no result, only the speed).
+    ``auto``: on where the method says the joint pass pays (``batching_pays``: the federated-LoRA family
+    with linear adapters only; benchmarks/batched_round.py measured the batched ViT round faster on the
+    CPU; per-segment convolution adapters were not faster there), off otherwise."""
     choice = os.environ.get(CLIENT_BATCHING_ENV, "auto") if choice is None else choice
     choice = choice.strip().lower()
     if choice not in CLIENT_BATCHING:
         from fedbench.errors import ConfigError
         raise ConfigError(f"--client-batching {choice!r}: expected one of {', '.join(CLIENT_BATCHING)}")
-    return choice != "off"
+    return choice
 
 
 def resolve_device(name: str) -> torch.device:
@@ -277,8 +279,9 @@ class Simulation:
 
     def _joint(self, selected: list[int]) -> bool:
         m = self.method
-        return (self.client_batching and len(selected) > 1 and hasattr(m, "client_update_many")
-                and m.batchable())
+        if self.client_batching == "off" or len(selected) < 2 or not hasattr(m, "client_update_many"):
+            return False
+        return m.batchable() and (self.client_batching == "on" or getattr(m, "batching_pays", False))
 
     def _joint_updates(self, selected: list[int], w, rows: dict, uploads: list) -> None:
         """The participants' updates in one call of ``client_update_many`` (batched local training). The

@@ -254,6 +254,12 @@ class FederatedLoRA(Method):
         cls = type(self)
         return all(getattr(cls, n) is getattr(FederatedLoRA, n) for n in self._STANDARD)
 
+    @property
+    def batching_pays(self) -> bool:
+        """``--client-batching auto`` uses the joint pass: linear adapters only (batched matmuls); convolution
+        adapters run one convolution per client segment, which was not faster on the CPU."""
+        return all(t.kind == "linear" for t in self.targets)
+
     def local_steps_of(self, client: Client) -> int:
         """Batches of one local training pass (``client.batches(epochs)``)."""
         run = self.run
