@@ -179,7 +179,7 @@ def test_unsupported_optimiser_settings_are_refused_not_approximated():
 
 def _sim(batching, **kw):
     base = dict(method="hetlora", backbone_init="random", local_steps=0, epochs=1, batch_size=32,
-                optimizer="adamw", lr=1e-3, eval_every=100, ranks="cycle:2,4,8", rounds=2, clients=10,
+                optimizer="adamw", lr=1e-3, eval_every=1, ranks="cycle:2,4,8", rounds=2, clients=10,
                 fraction=0.4, partition="dirichlet", alpha=0.5)
     base.update(kw)
     cfg = small_config(**base)
@@ -206,8 +206,10 @@ def test_engine_batched_round_equals_one_by_one(case):
         assert [r.client for r in ra.rows if r.selected] == sel and len(sel) == 4
         assert len({math.ceil(r.train_samples / 32) for r in rb.rows if r.selected}) > 1  # unequal steps
         for r1, r2 in zip(ra.rows, rb.rows, strict=True):
-            assert (r1.train_macs, r1.bytes_up, r1.bytes_down, r1.train_samples) == \
-                   (r2.train_macs, r2.bytes_up, r2.bytes_down, r2.train_samples), (t, r1.client)
+            assert (r1.train_macs, r1.eval_macs, r1.bytes_up, r1.bytes_down, r1.train_samples, r1.total) == \
+                   (r2.train_macs, r2.eval_macs, r2.bytes_up, r2.bytes_down, r2.train_samples, r2.total), (t, r1.client)
+            assert r1.correct is not None and abs(r1.correct - r2.correct) <= 1  # evaluated every round (and
+            # the adapters' slots then hold a client's AdapterSet before the next joint pass)
         assert ra.server_macs == rb.server_macs
         for k in ("agg_deviation", "agg_deviation_abs"):
             if k in ra.metrics:

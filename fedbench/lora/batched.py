@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedbench.lora.layers import LoRALayer, activate
 
@@ -88,13 +89,15 @@ def _nothing(*_a, **_k):
     return contextlib.nullcontext()
 
 
-class _JointView:
+class _JointView(nn.Module):
     """Stands in for an ``AdapterSet`` on the injected layers: ``lora_A[key](x)`` and ``lora_B[key](u)``
-    apply each segment's own client factors (B's output already scaled per client; ``scaling`` is 1)."""
+    apply each segment's own client factors (B's output already scaled per client; ``scaling`` is 1). A
+    module without parameters or buffers: a layer's ``adapters`` slot takes modules only."""
 
     scaling = 1.0
 
     def __init__(self, trainer: JointTrainer, active: int, sizes: list[int]) -> None:
+        super().__init__()
         self.lora_A = _Factor(trainer, active, sizes, "A")
         self.lora_B = _Factor(trainer, active, sizes, "B")
 
