@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -28,6 +29,16 @@ import torch
 from fedbench.config import make_config
 from fedbench.engine.simulation import Simulation, resolve_device
 from fedbench.runner import prepare
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one) and its logical cores."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or 'cpu'}, {os.cpu_count()} logical cores"
 
 
 def matmul_peak(device: torch.device, n: int, reps: int = 5) -> float:
@@ -83,7 +94,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     peak = matmul_peak(device, 1024 if device.type == "cpu" else 8192)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     print(f"vision tier: fedit, {a.backbone} random, targets={a.targets}, r={a.rank}, batch {a.batch_size}, "

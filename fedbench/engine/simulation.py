@@ -3,7 +3,9 @@
 Per round t:
   1. sample int(C*N) distinct clients (seeded by the master seed and t);
   2. each participant gets its download (``method.download``: the broadcast, or a payload of its own;
-     bytes down), runs ``client_update`` (metered FLOPs) and returns its upload (bytes up);
+     bytes down), runs ``client_update`` (metered FLOPs) and returns its upload (bytes up); with
+     ``client_batching`` (auto | on | off) a method offering ``client_update_many`` trains all
+     participants in one batched pass instead, the rows the same per client;
   3. the server turns uploads into the next global state (``server_update``, server FLOPs); a method
      with ``push = "all"`` has it delivered to every client right away (bytes down for all);
   4. every ``eval_every`` rounds (and at the last) all clients are evaluated on their test split, and
@@ -86,7 +88,8 @@ def resolve_client_batching(choice: str | None, device: torch.device) -> str:
     ``client_update_many``; an execution option like prefetch: it changes no result, only the speed).
     ``auto``: on where the method says the joint pass pays (``batching_pays``: the federated-LoRA family
     with linear adapters only; benchmarks/batched_round.py measured the batched ViT round faster on the
-    CPU; per-segment convolution adapters were not faster there), off otherwise."""
+    CPU; per-segment convolution adapters were not faster there), off otherwise. ``device`` is taken for
+    a device-dependent rule; today's rule is the same on every device."""
     choice = os.environ.get(CLIENT_BATCHING_ENV, "auto") if choice is None else choice
     choice = choice.strip().lower()
     if choice not in CLIENT_BATCHING:
