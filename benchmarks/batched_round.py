@@ -8,8 +8,9 @@
 Workload: the vision tier (FedIT on the seeded random ViT, attn targets unless --targets, synthetic
 32x32 data), every client participates (fraction 1), ``--local-steps`` batches of ``--batch-size`` per
 client, AdamW; no evaluation in the timed rounds. For each participant count the same run is simulated
-twice through the public engine (``Simulation(client_batching="off" | "on")``); s/round is the median of
-the rounds after the first (round 1 traces the meter and warms the allocator). Achieved FLOP/s = 2 x
+twice through the public engine (``Simulation(client_batching="off" | "on")``), the two runs' rounds
+interleaved (so that load from other processes hits both alike); s/round is the median of the rounds
+after the first (round 1 traces the meter and warms the allocator). Achieved FLOP/s = 2 x
 the engine's metered training MACs of the round / its training wall time, against the device's matmul
 peak measured here (square fp32 matmuls, best of several). The language tier is not in this tree yet;
 its rows are left out (the batched trainer is generic: fedbench/lora/batched.py).
@@ -58,23 +59,36 @@ def matmul_peak(device: torch.device, n: int, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def measure(device: torch.device, participants: int, batching: str, a) -> dict:
+def simulation(device: torch.device, participants: int, batching: str, a) -> Simulation:
     cfg = make_config(dict(dataset="synthetic", method="fedit", backbone_init="random", backbone=a.backbone,
                            targets=a.targets, rank=a.rank, clients=participants, fraction=1.0,
                            local_steps=a.local_steps, batch_size=a.batch_size, optimizer="adamw", lr=1e-3,
                            rounds=a.rounds + 1, eval_every=10 ** 6, seed=0))
     p = prepare(cfg, None, str(device))
-    sim = Simulation(cfg, p.data, p.device, backbone=p.backbone, client_batching=batching)
+    return Simulation(cfg, p.data, p.device, backbone=p.backbone, client_batching=batching)
+
+
+def measure(device: torch.device, participants: int, a) -> dict[str, dict]:
+    """Both paths on the same workload, their rounds interleaved (off t, on t, off t+1, ...) so that a
+    busy neighbour slows both alike."""
+    sims = {b: simulation(device, participants, b, a) for b in ("off", "on")}
+    rounds: dict[str, list] = {b: [] for b in sims}
     try:
-        rounds = [sim.run_round(t) for t in range(1, a.rounds + 1)]
+        for t in range(1, a.rounds + 1):
+            for b, sim in sims.items():
+                rounds[b].append(sim.run_round(t))
     finally:
-        sim.close()
-    timed = rounds[1:] or rounds
-    s = statistics.median(r.train_s for r in timed)
-    macs = statistics.median(sum(row.train_macs for row in r.rows) for r in timed)
-    return {"participants": participants, "batching": batching, "s_per_round": s,
-            "rounds_s": [r.train_s for r in rounds], "train_macs": macs, "flops_per_s": 2 * macs / s,
-            "samples": sum(row.train_samples for row in rounds[-1].rows)}
+        for sim in sims.values():
+            sim.close()
+    out = {}
+    for b, rs in rounds.items():
+        timed = rs[1:] or rs
+        s = statistics.median(r.train_s for r in timed)
+        macs = statistics.median(sum(row.train_macs for row in r.rows) for r in timed)
+        out[b] = {"participants": participants, "batching": b, "s_per_round": s,
+                  "rounds_s": [r.train_s for r in rs], "train_macs": macs, "flops_per_s": 2 * macs / s,
+                  "samples": sum(row.train_samples for row in rs[-1].rows)}
+    return out
 
 
 def main() -> None:
@@ -101,11 +115,9 @@ def main() -> None:
           f"{a.local_steps} local steps, {a.rounds} rounds (first not timed)")
     results = []
     for n in (int(v) for v in a.participants.split(",")):
-        row = {}
-        for batching in ("off", "on"):
-            r = measure(device, n, batching, a)
+        row = measure(device, n, a)
+        for batching, r in row.items():
             results.append(r)
-            row[batching] = r
             print(f"  {n:3d} participants, batching {batching:3s}: {r['s_per_round']:.3f} s/round, "
                   f"{r['flops_per_s'] / 1e9:.2f} GFLOP/s ({100 * r['flops_per_s'] / peak:.1f}% of peak)")
         assert row["off"]["train_macs"] == row["on"]["train_macs"], "the two paths count different work"
