@@ -44,6 +44,9 @@ RUN_ONLY = {  # options of `run` that are not part of a run's identity
     "json_out": (bool, typer.Option(False, "--json", help="print the summary as JSON")),
     "force": (bool, typer.Option(False, "--force", help="run again even if this exact config is complete in the store")),
     "quiet": (bool, typer.Option(False, "--quiet", "-q", help="no progress bar")),
+    "client_batching": (str, typer.Option("auto", "--client-batching", help="train a round's participants in "
+                        "one batched pass (methods that offer it; same results, faster): auto, on or off "
+                        "(default: $FEDBENCH_CLIENT_BATCHING, else auto = on)")),
 }
 
 
@@ -175,6 +178,9 @@ def run(**kw):
     run_only = {k: kw.pop(k) for k in RUN_ONLY}
     if run_only["device"] not in ("auto", "cpu", "cuda"):
         raise choice_error("--device", run_only["device"], ("auto", "cpu", "cuda"))
+    from fedbench.engine.simulation import CLIENT_BATCHING
+    if run_only["client_batching"] not in CLIENT_BATCHING:
+        raise choice_error("--client-batching", run_only["client_batching"], CLIENT_BATCHING)
     cfg = make_config(kw, _device_type(run_only["device"]))
     results = run_only["results"]
     check_results_path(results)
@@ -189,7 +195,9 @@ def run(**kw):
             err.print(f"run {p.run_id} was completed by another process; showing the stored result")
             s = stored_summary(store, p.run_id)
         else:
-            s = _execute_with_progress(p, store, execute, quiet=run_only["quiet"] or run_only["json_out"])
+            batching = run_only["client_batching"]
+            s = _execute_with_progress(p, store, lambda *a, **k: execute(*a, **k, client_batching=batching),
+                                       quiet=run_only["quiet"] or run_only["json_out"])
     except ClaimLost as e:
         err.print(f"fedbench: {e}: this process's lease went stale and the run was taken over", markup=False)
         raise typer.Exit(1) from None

@@ -156,11 +156,17 @@ class RunRecord:
 
 
 def simulate(p: Prepared, on_start: Callable[[RunRecord], None] | None = None,
-             on_round: Callable[[RoundResult], None] | None = None, prefetch: bool | None = None) -> RunRecord:
+             on_round: Callable[[RoundResult], None] | None = None, prefetch: bool | None = None,
+             client_batching: str | None = None) -> RunRecord:
     """Run the engine; ``on_start`` gets the record's header before the first round, ``on_round`` each
-    round as it ends. Touches no store. ``prefetch``: the engine's batch prefetch (None: its default)."""
-    sim = Simulation(p.cfg, p.data, p.device, prefetch=prefetch, backbone=p.backbone)
+    round as it ends. Touches no store. ``prefetch``: the engine's batch prefetch (None: its default);
+    ``client_batching``: auto | on | off (None: $FEDBENCH_CLIENT_BATCHING, else auto). Execution options
+    change no result and are not part of the run's identity; the batching used is recorded with the
+    versions (``execution``)."""
+    sim = Simulation(p.cfg, p.data, p.device, prefetch=prefetch, backbone=p.backbone,
+                     client_batching=client_batching)
     provenance = {"backbone": p.backbone_info} if p.backbone_info else {}
+    provenance["execution"] = {"client_batching": sim.client_batching}
     rec = RunRecord(p.run_id, p.cfg, p.label, p.arrays.digest, p.data.partition.digest(),
                     {**versions(), **provenance}, str(p.device), client_table(p, sim),
                     worker=f"{socket.gethostname()}:{os.getpid()}")
@@ -183,7 +189,7 @@ def persist_start(store: Store, rec: RunRecord, command: str | None, sweep: str 
 
 
 def execute(p: Prepared, store: Store, on_round: Callable[[RoundResult], None] | None = None,
-            command: str | None = None, sweep: str | None = None) -> dict:
+            command: str | None = None, sweep: str | None = None, client_batching: str | None = None) -> dict:
     """Simulate and store round by round, under the store's claim on the run (taken if free; ``ClaimBusy``
     if a live process holds it, see ``claim_or_wait``); returns the summary computed back from the stored
     rows."""
@@ -201,7 +207,7 @@ def execute(p: Prepared, store: Store, on_round: Callable[[RoundResult], None] |
 
     with store.keep_alive():
         try:
-            simulate(p, start, write)
+            simulate(p, start, write, client_batching=client_batching)
         except BaseException as e:
             if started:
                 with contextlib.suppress(ClaimLost):  # taken over: the run is another process's now

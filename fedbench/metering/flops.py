@@ -66,6 +66,7 @@ class FlopMeter:
         self._cost: dict[tuple, int] = {}     # structural key -> cost (one fvcore trace per layer kind)
         self._by_call: dict[tuple, int] = {}  # (id(module), input shape) -> cost: the per-call lookup
         self._attached: dict[int, nn.Module] = {}  # held, so that an id is never reused while cached
+        self._split: list[tuple] | None = None  # inside batch_split: [(who, samples)] of a joint pass
 
     def attach(self, module: nn.Module) -> None:
         """Meter every parametrised leaf of ``module``: its ``forward`` is wrapped so that each call is
@@ -120,12 +121,42 @@ class FlopMeter:
                 total += fwd
             if x.requires_grad:
                 total += fwd
-        self.macs[(self._scope, self._kind)] += total
+        self._credit(total)
 
-    def add(self, macs: int) -> None:
-        """Count work that runs outside metered modules (e.g. an SVD), in the current scope."""
-        if self._scope is not None:
-            self.macs[(self._scope, self._kind)] += int(macs)
+    def _credit(self, total: int) -> None:
+        """Count ``total`` in the current scope; inside :meth:`batch_split`, split over its parties by their
+        samples (every metered cost is a per-sample cost times the batch, so each party gets exactly what
+        the same call on its own samples alone would have counted)."""
+        if self._split is None:
+            self.macs[(self._scope, self._kind)] += total
+            return
+        n = sum(k for _, k in self._split)
+        unit, rest = divmod(total, n)
+        if rest:
+            raise RuntimeError(f"FlopMeter: {total} MACs of a joint pass over {n} samples are not per-sample")
+        for who, k in self._split:
+            self.macs[(who, self._kind)] += unit * k
+
+    def add(self, macs: int, who=None) -> None:
+        """Count work that runs outside metered modules (e.g. an SVD), in the current scope (or, given
+        ``who``, in that party's scope of the current kind: per-party work inside a joint pass)."""
+        if self._scope is None:
+            return
+        if who is None:
+            self._credit(int(macs))
+        else:
+            self.macs[(who, self._kind)] += int(macs)
+
+    @contextlib.contextmanager
+    def batch_split(self, shares: list[tuple]):
+        """A joint pass over the concatenated batches of several parties ([(who, samples)], in order):
+        module calls inside it are credited to the parties by their samples (see :meth:`_credit`)."""
+        prev = self._split
+        self._split = list(shares)
+        try:
+            yield
+        finally:
+            self._split = prev
 
     @contextlib.contextmanager
     def scope(self, who, kind: str):
@@ -175,7 +206,7 @@ class _MatmulCounter(TorchFunctionMode):
             total = fwd
             if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
                 total += fwd * (int(a.requires_grad) + int(b.requires_grad))
-            self.meter.macs[(self.meter._scope, self.meter._kind)] += total
+            self.meter._credit(total)
         return out
 
 

@@ -252,5 +252,18 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(f)
 
 
+def joint_pass(segments: list[tuple[Client, int]]):
+    """Context of one pass over the concatenated batches of several clients ([(client, samples)] in
+    batch order; batched local training): the MACs of module calls inside it are credited to each client
+    by its samples, exactly what the same calls on its batch alone count."""
+    return segments[0][0]._rt.meter.batch_split([(c.id, n) for c, n in segments])
+
+
+def credit_macs(client: Client, macs: int) -> None:
+    """Count multiply-adds for ``client`` by name, also inside a :func:`joint_pass` (per-client work of a
+    joint pass, such as its own adapters at its own rank)."""
+    client._rt.meter.add(macs, who=client.id)
+
+
 def hparams_of(method_cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(method_cls.Params))

@@ -19,6 +19,7 @@ Methods add their own (FedIT's factor error, truncation error per rank, energy r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
+from fedbench.lora.batched import JointTrainer, Member, OptimSettings
 from fedbench.lora.layers import TARGET_PRESETS, Target, activate, adapter_spec, find_targets, inject
-from fedbench.methods.base import Client, Method, Server, Upload
+from fedbench.methods.base import Client, Method, Server, Upload, credit_macs, joint_pass
 from fedbench.models.cnn import ModuleSpec, linear_spec
 
 BACKBONES = ("vit", "resnet", "smollm2", "char-lm")  # the last two: language tier (fedbench/lm)
@@ -275,6 +277,65 @@ class FederatedLoRA(Method):
         self.train(client)
         self._record_end(client)
         return self.upload(client)
+
+    # --- all participants in one batched pass (engine option --client-batching) -------------------
+    _STANDARD = ("train", "forward", "trainable", "client_update", "head")
+
+    def batchable(self) -> bool:
+        """Whether ``client_update_many`` trains jointly: only a method that keeps the family's standard
+        local training (none of train, forward, trainable, client_update, head overridden) opts in."""
+        cls = type(self)
+        return all(getattr(cls, n) is getattr(FederatedLoRA, n) for n in self._STANDARD)
+
+    @property
+    def batching_pays(self) -> bool:
+        """``--client-batching auto`` uses the joint pass: linear adapters only (batched matmuls); convolution
+        adapters run one convolution per client segment, which was not faster on the CPU."""
+        return all(t.kind == "linear" for t in self.targets)
+
+    def local_steps_of(self, client: Client) -> int:
+        """Batches of one local training pass (``client.batches(epochs)``)."""
+        run = self.run
+        if getattr(run, "local_steps", 0) > 0:
+            return run.local_steps
+        return run.epochs * math.ceil(client.n_train / run.batch_size)
+
+    def client_update_many(self, clients: list[Client], payloads: list) -> list:
+        """``client_update`` of every participant, trained jointly (fedbench/lora/batched.py): install each
+        download, run all local trainings in one batched pass per step, then record and upload each.
+        The same training as one by one; a method that is not ``batchable`` (or an optimiser the joint
+        step does not implement) runs client by client, its MACs credited to each client."""
+        settings = None
+        if self.batchable() and clients:
+            probe = torch.zeros(1, device=clients[0].device, requires_grad=True)
+            settings = OptimSettings.of(clients[0].optimizer([probe]), self.run.clip)
+        if settings is None:
+            ups = []
+            for c, p in zip(clients, payloads, strict=True):
+                with joint_pass([(c, 1)]):
+                    ups.append(self.client_update(c, p))
+            return ups
+        for c, p in zip(clients, payloads, strict=True):
+            self.install(c, p)
+        members = []
+        own_head = getattr(self.server.backbone, "own_head", False)  # an LM's tied head: nothing trained
+        for c in clients:
+            ad = c.module("lora")
+            factors = {k: (ad.lora_A[k].weight.detach(), ad.lora_B[k].weight.detach()) for k in ad.lora_A}
+            head = None
+            if self.hp.head != "frozen" and not own_head:
+                h = c.module("head")
+                head = (h.weight.detach(), h.bias.detach())
+            members.append(Member(factors, ad.scaling, c.batches(self.run.epochs), self.local_steps_of(c),
+                                  head, tag=c))
+        JointTrainer(self.layers, clients[0].backbone.features, members, settings, trains=self.trains,
+                     shared_head=self.server.module("head") if self.hp.head == "frozen" or own_head else None,
+                     loss=self.task_loss, joint=joint_pass, credit=credit_macs).run()
+        ups = []
+        for c in clients:
+            self._record_end(c)
+            ups.append(self.upload(c))
+        return ups
 
     # --- server ----------------------------------------------------------------------------------
     def aggregate(self, server: Server, uploads: list[Upload]) -> None:
