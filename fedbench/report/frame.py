@@ -126,8 +126,11 @@ def add_names(df: pd.DataFrame) -> pd.DataFrame:
     def show(v):
         return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
+    # a hyper-parameter names a variant only of the methods it varies within (FSLoRA's global rank)
+    varies = {c: set(df.groupby("method")[c].nunique(dropna=True).loc[lambda n: n > 1].index) for c in var}
+
     def name(r):
-        extras = [f"{c[3:]}={show(r[c])}" for c in var if pd.notna(r.get(c))]
+        extras = [f"{c[3:]}={show(r[c])}" for c in var if pd.notna(r.get(c)) and r["method"] in varies[c]]
         return r["method"] + (f" ({', '.join(extras)})" if extras else "")
 
     def setting(r):
