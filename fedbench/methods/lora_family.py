@@ -279,13 +279,14 @@ class FederatedLoRA(Method):
         return self.upload(client)
 
     # --- all participants in one batched pass (engine option --client-batching) -------------------
-    _STANDARD = ("train", "forward", "trainable", "client_update", "head")
+    _STANDARD = ("train", "forward", "trainable", "client_update", "head", "correct_gradients")
 
     def batchable(self) -> bool:
         """Whether ``client_update_many`` trains jointly: only a method that keeps the family's standard
-        local training (none of train, forward, trainable, client_update, head overridden) opts in."""
-        cls = type(self)
-        return all(getattr(cls, n) is getattr(FederatedLoRA, n) for n in self._STANDARD)
+        local training (none of train, forward, trainable, client_update, head, correct_gradients
+        overridden, by its class or on the instance) opts in; ILoRA's control variates, for one, act
+        in a gradient hook the joint step does not run."""
+        return all(getattr(getattr(self, n), "__func__", None) is getattr(FederatedLoRA, n) for n in self._STANDARD)
 
     @property
     def batching_pays(self) -> bool:
