@@ -31,11 +31,11 @@ def lint(session):
 
 @nox.session(venv_backend="none")
 def nightly(session):
-    """Real-data tests marked `nightly`, then the nightly ablation sweep and its report in reports/nightly/.
+    """Real-data tests marked `nightly` and the longer synthetic variants marked `slow`, then the nightly ablation sweep and its report in reports/nightly/.
 
     Needs FEDBENCH_DATA_DIR with cifar10.npz. The sweep resumes: a killed night continues where it stopped.
     """
-    session.run(PY, "-m", "pytest", "-m", "nightly", "-v", *session.posargs)
+    session.run(PY, "-m", "pytest", "-m", "nightly or slow", "-v", *session.posargs)
     store = "nightly.sqlite"
     session.run(PY, "-m", "fedbench", "sweep", "benchmarks/nightly.toml", "--results", store, "--jobs", "2")
     session.run(PY, "-m", "fedbench", "report", "--results", store, "--sweep", "nightly", "--out", "reports/nightly",

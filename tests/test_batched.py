@@ -193,9 +193,10 @@ CASES = {
     "resnet-conv-sgd": dict(backbone="resnet", targets="conv", optimizer="sgd", lr=0.02),
     "ffa-frozen-head": dict(method="ffa-lora", ranks="", rank=4, head="frozen", lr=1e-2),
 }
+SLOW_CASES = {"vit-attnmlp-sgd-clip-localhead", "resnet-conv-sgd", "ffa-frozen-head"}  # nox -s nightly
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
 def test_engine_batched_round_equals_one_by_one(case):
     a, b = _sim("off", **CASES[case]), _sim("on", **CASES[case])
     assert a.client_batching == "off" and b.client_batching == "on" and b._joint([0, 1])

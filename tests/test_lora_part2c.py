@@ -455,7 +455,8 @@ def test_task_agnostic_inference_rules():
 
 # --- smoke runs and bad input ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,kw", [("ce-lora", {}), ("ce-lora", {"celora_init": "random-B"}),
+@pytest.mark.parametrize("method,kw", [("ce-lora", {}),
+                                       pytest.param("ce-lora", {"celora_init": "random-B"}, marks=pytest.mark.slow),
                                        ("fl-tac", {})])
 def test_five_round_smoke_run(method, kw):
     sim = lora_sim(method, rounds=5, eval_every=5, local_steps=4, lr=3e-3, partition="dirichlet", alpha=0.5, **kw)
