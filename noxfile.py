@@ -6,7 +6,7 @@ environment already holds torch (several GB), and re-installing it per session b
     nox -s nightly   long runs on real CIFAR-10 (needs FEDBENCH_DATA_DIR)
     nox -s bench     the speed suite and the scale benchmark (benchmarks/README.md)
     nox -s parity    accuracy parity of the numeric fast paths on real CIFAR-10
-    nox -s lora      the federated-LoRA vision tier: pretrain the ViT (cached), the 36-run sweep, its report
+    nox -s lora      the federated-LoRA vision tier: pretrain the ViT (cached), the 81-run sweep of the 18 methods, its report
 """
 
 import sys
@@ -69,7 +69,7 @@ def parity(session):
 @nox.session(venv_backend="none")
 def lora(session):
     """The federated-LoRA vision tier on real data (reports/lora-vision/README.md): `fedbench pretrain
-    --backbone vit` (reused when cached, ~15 min otherwise), the 36-run sweep benchmarks/lora-vision.toml
+    --backbone vit` (reused when cached, ~15 min otherwise), the 81-run sweep benchmarks/lora-vision.toml
     (about 40 minutes with 2 jobs on the 2-core dev machine; resumable) and its report in
     reports/lora-vision/. Needs FEDBENCH_DATA_DIR with cifar10.npz and cifar100.npz."""
     store = "lora-vision.sqlite"
