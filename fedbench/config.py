@@ -17,6 +17,16 @@ from fedbench.hparams import hparam
 from fedbench.models.cnn import MODEL_GROUPS
 
 AGG_WEIGHTS = ("all-splits", "train", "uniform")
+# Evaluation protocols (README "Evaluation protocols"; spec A.5): who is evaluated, when, with which model.
+#   yi:        the round's participants right after their local training, the model as trained (pFedLoRA authors)
+#   pfllib:    every client after the round's aggregation, as it stands after receiving the broadcast, before
+#              local training (PFLlib/HtFLlib: the start of the next round)
+#   round-end: every client after the round's aggregation and push, as it stands (fedbench before protocols)
+EVAL_PROTOCOLS = ("yi", "pfllib", "round-end")
+LEGACY_PROTOCOL = "round-end"  # the protocol of every run stored before protocols were named
+# --eval-protocol auto: the family's published comparison (MHPFL: the pFedLoRA authors' yi; federated LoRA:
+# round-end, the protocol of its reference report)
+FAMILY_PROTOCOL = {"mhpfl": "yi", "federated-lora": "round-end"}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -58,6 +68,12 @@ class RunConfig:
     agg_weight: str = hparam("all-splits", "aggregation weight n_k: all-splits (train+val+test, the authors' "
                                            "code), train, uniform", choices=AGG_WEIGHTS)
     eval_every: int = hparam(1, "evaluate all clients every this many rounds (and at the last round)", low=1)
+    eval_protocol: str = hparam("auto", "evaluation protocol: yi (participants right after local training), "
+                                        "pfllib (all clients after the broadcast, before training), round-end "
+                                        "(all clients after the round, as they stand), auto (MHPFL: yi; "
+                                        "federated LoRA: round-end)", choices=("auto", *EVAL_PROTOCOLS))
+    eval_val: bool = hparam(False, "also evaluate on each client's validation split, at the protocol's moment "
+                                   "(the validation-selected round of `fedbench report --statistic val`)")
     eval_batch_size: int = hparam(2048, "evaluation batch size (does not change results)", low=1)
     precision: str = hparam("fp32", "client compute precision: fp32, or bf16 autocast (parameters stay fp32)",
                             choices=("fp32", "bf16"))
@@ -87,6 +103,8 @@ class RunConfig:
         for k in LATE_FIELDS:
             if d[k] == CORE_FIELDS[k].default:
                 del d[k]
+        if d["eval_protocol"] == LEGACY_PROTOCOL:  # what every run stored before protocols had a name
+            del d["eval_protocol"]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def run_hash(self, data_digest: str) -> str:
@@ -96,6 +114,13 @@ class RunConfig:
     @property
     def num_classes(self) -> int:
         return dataset_info(self.dataset).num_classes
+
+    @property
+    def protocol(self) -> str:
+        """The evaluation protocol, ``auto`` resolved by the method's family (make_config stores it resolved)."""
+        if self.eval_protocol != "auto":
+            return self.eval_protocol
+        return FAMILY_PROTOCOL[self.method_class().family]
 
     @property
     def per_round(self) -> int:
@@ -108,7 +133,7 @@ class RunConfig:
 
 CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_params"}
 LATE_FIELDS = ("fused_sgd", "optimizer", "lr_schedule", "lr_min", "local_steps", "seq_len", "test_fraction",
-               "min_role_lines", "eval_initial")
+               "min_role_lines", "eval_initial", "eval_val")
 
 # Defaults that depend on the device a run is made on, applied when the user leaves the option unset
 # and stored concretely in the config (so a run's identity never depends on where it is looked up).
@@ -150,6 +175,8 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
         core.setdefault("partition", "natural")
     checked = {k: hparams.coerce(CORE_FIELDS[k], v, "run") for k, v in core.items()}
     mp = hparams.build(method_cls.Params, rest, f"method {method_name}")
+    if checked.get("eval_protocol", "auto") == "auto":
+        checked["eval_protocol"] = FAMILY_PROTOCOL[method_cls.family]
     cfg = RunConfig(**checked, method_params=dataclasses.asdict(mp))
     check_method = getattr(method_cls, "check_config", None)
     if check_method is not None:
@@ -163,6 +190,12 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     if (cfg.dataset in TEXT_DATASETS) != (cfg.partition == "natural"):
         raise ConfigError(f"--partition {cfg.partition} with --dataset {cfg.dataset}: the natural partition is "
                           f"that of the naturally partitioned datasets ({', '.join(TEXT_DATASETS)}), and theirs only")
+    if cfg.eval_protocol == "pfllib" and method_cls.family != "mhpfl":
+        raise ConfigError(f"--eval-protocol pfllib with method {method_name}: defined for the MHPFL family only (a "
+                          f"federated-LoRA download may touch the shared backbone); use yi or round-end")
+    if cfg.eval_val and (cfg.val_fraction == 0 or cfg.dataset in TEXT_DATASETS):
+        raise ConfigError(f"--eval-val with --dataset {cfg.dataset} --val-fraction {cfg.val_fraction}: there is no "
+                          f"validation split to evaluate (image datasets with --val-fraction > 0 have one)")
     if int(cfg.fraction * cfg.clients) < 1:
         raise ConfigError(f"--fraction {cfg.fraction} with --clients {cfg.clients} samples no client per round; "
                           f"need fraction x clients >= 1")
@@ -177,6 +210,7 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
 def config_from_dict(d: dict[str, Any]) -> RunConfig:
     """The RunConfig of a stored ``to_dict()`` (as in the results store or a sweep worker's --config)."""
     d = dict(d)
+    d.setdefault("eval_protocol", LEGACY_PROTOCOL)  # stored before protocols were named: today's round-end
     mp = d.pop("method_params", {})
     return make_config({**d, **mp})
 

@@ -22,6 +22,7 @@ class Evaluator:
         self._union: torch.Tensor | None = None
         self.token_level = data.labels.dim() == 2
         self.metrics: dict = {}
+        self.batch_mean: float | None = None  # batch-mean accuracy of the last image evaluation
 
     def take_metrics(self) -> dict:
         """Named metrics of the evaluations since the last call: {client id or "global": {name: value}}."""
@@ -56,18 +57,27 @@ class Evaluator:
         """(correct, total) of ``predict(x)`` over images ``idx``; correct None if any prediction is undefined."""
         data, bs = self.data, self.cfg.eval_batch_size
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        per_batch = []
         for s in range(0, len(idx), bs):
             b = idx[s:s + bs]
             logits = predict(data.transform.eval(data.images[b]))
             if logits is None:
+                self.batch_mean = None
                 return None, len(idx)
-            correct += (logits.argmax(1) == data.labels[b]).sum()
+            hits = (logits.argmax(1) == data.labels[b]).sum()
+            correct += hits
+            per_batch.append(hits / len(b))
+        # the pFedLoRA authors' per-client accuracy: the mean over test batches of the batch accuracy (a
+        # short last batch weighs as much as a full one); kept for the yi protocol's batch-mean option
+        self.batch_mean = float(torch.stack(per_batch).mean()) if per_batch else None
         return int(correct.item()), len(idx)
 
-    def client(self, method, client) -> tuple[int | None, int]:
+    def client(self, method, client, split: str = "test") -> tuple[int | None, int]:
+        """(correct, total) of the client's predictions on its ``split`` ("test" or "val")."""
+        idx = self.data.index[split][client.id]
         if self.token_level:
-            return self.tokens(self.data.index["test"][client.id], lambda x: method.predict(client, x), client.id)
-        return self.accuracy(self.data.index["test"][client.id], lambda x: method.predict(client, x))
+            return self.tokens(idx, lambda x: method.predict(client, x), client.id)
+        return self.accuracy(idx, lambda x: method.predict(client, x))
 
     def union_test(self) -> torch.Tensor:
         if self._union is None:

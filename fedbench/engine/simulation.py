@@ -8,8 +8,13 @@ Per round t:
      participants in one batched pass instead, the rows the same per client;
   3. the server turns uploads into the next global state (``server_update``, server FLOPs); a method
      with ``push = "all"`` has it delivered to every client right away (bytes down for all);
-  4. every ``eval_every`` rounds (and at the last) all clients are evaluated on their test split, and
-     the global model (where the method has one) on the union of the clients' test splits.
+  4. every ``eval_every`` rounds (and at the last) clients are evaluated on their test split (and
+     validation split, ``--eval-val``) at the moment the run's evaluation protocol names (``--eval-protocol``:
+     ``yi`` the participants right after their local training; ``pfllib`` every client after the round,
+     through the method's ``view`` of its next download; ``round-end`` every client after the round as it
+     stands), and the global model (where the method has one) on the union of the clients' test splits
+     after the round. Evaluation consumes no random stream: the training of a run is the same under
+     every protocol.
 The engine's jobs are separate units with public interfaces, each replaceable (the speed suite swaps
 them): ``ModuleState`` (client/server tensors bound to workspace modules), ``BatchSource`` (batches),
 ``LocalOptimizer`` (optimiser, learning-rate schedule, clip), ``Evaluator``; this module is the round loop.
@@ -150,6 +155,9 @@ class Simulation:
              "uniform": lambda c: 1}[cfg.agg_weight]
         self.agg_n = np.array([n(c) for c in self.clients], dtype=np.float64)
         self.has_global_model = type(self.method).global_predict is not Method.global_predict
+        self.protocol = cfg.protocol
+        self._has_view = type(self.method).view is not Method.view
+        self._eval_s = 0.0
 
     def _install_backbone(self, backbone: nn.Module) -> nn.Module:
         """The one frozen backbone all clients share: on the device, eval mode, no gradients, metered."""
@@ -236,7 +244,10 @@ class Simulation:
         selected = self.sample(t)
         uploads = []
         w = self.agg_n[selected] / self.agg_n[selected].sum()
-        if self._joint(selected):
+        evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
+        self._eval_s = 0.0
+        joint = self._joint(selected)
+        if joint:
             self._joint_updates(selected, w, rows, uploads)
         else:
             for k, wk in zip(selected, w, strict=True):
@@ -247,6 +258,11 @@ class Simulation:
                     up = method.client_update(c, down)
                 row.bytes_up += payload_bytes(up)
                 uploads.append(Upload(k, float(wk), up))
+                if evaluated and self.protocol == "yi":  # right after its local training, the model as trained
+                    self._evaluate_client(c, rows)
+        if joint and evaluated and self.protocol == "yi":
+            for k in selected:
+                self._evaluate_client(self.clients[k], rows)
         with self.meter.scope("server", "train"):
             self.broadcast = method.server_update(self.server, uploads)
         if method.push == "all" and self.broadcast is not None:
@@ -256,12 +272,12 @@ class Simulation:
                     method.receive(c, payload)
         self._sync()
         t1 = time.perf_counter()
-        evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
         round_metrics = {**self._metrics.pop("round", {}), **initial}
+        in_training = self._eval_s  # yi's evaluations ran inside the training loop: their time is eval time
         if evaluated:
-            for c in self.clients:
-                with self.meter.scope(c.id, "eval"), self.compute():
-                    rows[c.id].correct, rows[c.id].total = self.evaluate(c)
+            if self.protocol != "yi":  # every client, after the round (pfllib: through the broadcast's view)
+                for c in self.clients:
+                    self._evaluate_client(c, rows, view=self.protocol == "pfllib")
             if self.has_global_model:
                 with self.meter.scope("global", "eval"), self.compute():
                     correct, total = self.evaluator.global_model(method, self.server)
@@ -284,8 +300,34 @@ class Simulation:
             rows[k].train_samples = int(self.batches.samples[k])
             rows[k].metrics = self._metrics.get(k, {})
         server_macs = sum(v for (who, _), v in macs.items() if who == "server")
-        return RoundResult(t, t2 - t0, t1 - t0, t2 - t1, server_macs, evaluated, list(rows.values()),
-                           round_metrics)
+        return RoundResult(t, t2 - t0, t1 - t0 - in_training, t2 - t1 + in_training, server_macs, evaluated,
+                           list(rows.values()), round_metrics)
+
+    def _evaluate_client(self, c: Client, rows: dict, view: bool = False) -> None:
+        """One client's evaluation at the protocol's moment: its test split (correct, total), and with
+        ``--eval-val`` its validation split (``val_correct``, ``val_total``), under yi also the batch-mean
+        accuracy (``acc_batch_mean``). ``view`` (pfllib): first the method's ``view`` of this client's
+        download of the current broadcast, undone afterwards (no bytes: a device of the protocol)."""
+        method, t0 = self.method, time.perf_counter()
+        snap = None
+        with self.meter.scope(c.id, "eval"), self.compute():
+            if view and method.push != "all" and self._has_view and self.broadcast is not None:
+                payload = method.download(self.server, c, self.broadcast)
+                snap = self.state.snapshot(("client", c.id))
+                method.view(c, payload)
+            rows[c.id].correct, rows[c.id].total = self.evaluate(c)
+            batch_mean = self.evaluator.batch_mean
+            if self.cfg.eval_val:
+                vc, vt = self.evaluator.client(method, c, "val")
+                if vc is not None:
+                    self.report(c, "val_correct", vc)
+                self.report(c, "val_total", vt)
+        if snap is not None:
+            self.state.restore(snap)
+        if self.protocol == "yi" and batch_mean is not None and rows[c.id].correct is not None:
+            self.report(c, "acc_batch_mean", batch_mean)
+        self._sync()
+        self._eval_s += time.perf_counter() - t0
 
     def _named_eval_metrics(self, round_metrics: dict, prefix: str = "") -> None:
         """Metrics the evaluator names (token loss, perplexity): per client, the global model's per round."""

@@ -63,6 +63,18 @@ class ModuleState:
             self._bound[id(ws)] = owner
         return ws
 
+    def snapshot(self, key: tuple) -> dict[tuple, list[torch.Tensor]]:
+        """Copies of every tensor party ``key`` owns (for an evaluation that installs something and must
+        leave no trace: ``restore``)."""
+        return {o: [t.clone() for t in ts] for o, ts in self.tensors.items() if o[:len(key)] == key}
+
+    @torch.no_grad()
+    def restore(self, snap: dict[tuple, list[torch.Tensor]]) -> None:
+        """Write a ``snapshot`` back into the same tensors (bindings stay valid)."""
+        for o, ts in snap.items():
+            for t, s in zip(self.tensors[o], ts, strict=True):
+                t.copy_(s)
+
     def nbytes(self, role: str | None = None) -> int:
         """Bytes of all parties' own tensors (of one role, if given); workspaces not included."""
         return sum(t.numel() * t.element_size() for owner, ts in self.tensors.items()

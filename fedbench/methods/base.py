@@ -192,6 +192,14 @@ class Method(abc.ABC):
         """Only for push == "all": install the broadcast on a client outside its own round."""
         return None
 
+    def view(self, client: Client, payload) -> None:
+        """The ``pfllib`` evaluation protocol: put ``payload`` (this client's download of the new broadcast)
+        where the client's prediction would use it at the start of its next round, before any training, as
+        ``client_update`` would install it. The engine restores the client's modules afterwards and counts
+        no bytes (the view is the protocol's, not the method's communication). Default: nothing to put
+        (the prediction does not depend on the broadcast, or ``push == "all"`` already delivered it)."""
+        return None
+
     def predict(self, client: Client, x: torch.Tensor) -> torch.Tensor | None:
         """Logits for evaluation; None means 'undefined' (stored as such, never as 0)."""
         return client.module("model")(x)[0]

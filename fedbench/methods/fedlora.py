@@ -109,6 +109,10 @@ class FedLoRA(Method):
         load(server.module("adapter"), g)
         return g
 
+    def view(self, client, g):
+        """pfllib protocol: the client at the start of its next round holds the global adapter."""
+        load(client.module("adapter"), g)
+
     def predict(self, client, x):
         model = client.module("model")
         if self.hp.eval_mode == "local":
