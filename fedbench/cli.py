@@ -123,16 +123,30 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
                     f"E={cfg.local_steps or cfg.epochs}{' steps' if cfg.local_steps else ''}, {models}, "
                     f"partition={cfg.partition}", title_justify="left")
     t.add_column("accuracy (test)")
-    t.add_column("last", justify="right")
-    t.add_column("best", justify="right")
-    t.add_column("mean of last 10", justify="right")
-    for w in ("unweighted", "weighted"):
-        t.add_row(f"clients' own test, {w}" if w == "unweighted" else "clients' own test, sample-weighted",
-                  _pct(s[f"acc_last_{w}"]), _pct(s[f"acc_best_{w}"]), _pct(s[f"acc_last10_{w}"]))
+    stats = ["last", "best", "last10"] + (["val"] if "acc_val_unweighted" in s else [])
+    for name in stats:
+        t.add_column({"last10": "mean of last 10", "val": "val-selected"}.get(name, name), justify="right")
+    rows = [("all", "unweighted", "clients' own test, unweighted"),
+            ("all", "weighted", "clients' own test, sample-weighted"),
+            ("all", "batch_mean", "clients' own test, batch-mean (yi)"),
+            ("selected", "unweighted", "participants only, unweighted"),
+            ("selected", "weighted", "participants only, sample-weighted")]
+    for pop, w, title in rows:
+        suffix = "" if pop == "all" else "_selected"
+        if f"acc_last_{w}{suffix}" not in s:
+            continue
+        t.add_row(title, *(_pct(s.get(f"acc_{st}_{w}{suffix}")) if f"acc_{st}_{w}{suffix}" in s else "–"
+                           for st in stats))
     if s.get("acc_last_global") is not None:
         t.add_row("global model, union of test splits", _pct(s["acc_last_global"]), _pct(s["acc_best_global"]),
-                  _pct(s["acc_last10_global"]))
+                  _pct(s["acc_last10_global"]), *(["–"] if "val" in stats else []))
     out.print(t)
+    rep = s.get("reported")
+    if rep:
+        fair = (f"; across clients: std {100 * rep['fair_std']:.2f} points, worst 10 % {_pct(rep['fair_worst10'])}, "
+                f"min {_pct(rep['fair_min'])}" if rep.get("fair_std") is not None else "")
+        out.print(f"reported ({rep['summary_short']}; see fedbench/summary.py): {_pct(rep['accuracy'])}; defined predictions: "
+                  f"{rep['defined'] or 'none evaluated'} clients{fair}")
     lang = s.get("language")
     if lang:  # the language tier: accuracy above is next-token accuracy
         before = lang.get("global_initial_test_ppl")
