@@ -492,20 +492,25 @@ def report_cmd(
     out_dir: Path = typer.Option(Path("fedbench-report"), "--out", help="folder for tables, plots and report.md/html"),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="only runs on this dataset"),
-    statistic: str = typer.Option("last10", "--statistic", help="last, best or last10 (mean of the last 10 evaluations)"),
-    weighting: str = typer.Option("unweighted", "--weighting", help="unweighted (mean over clients) or weighted (by test samples)"),
+    statistic: str = typer.Option("protocol", "--statistic", help="protocol (each run's protocol's own), last, best, "
+                                  "last10 (mean of the last 10 evaluated rounds) or val (the round with the best "
+                                  "validation accuracy, its test accuracy)"),
+    population: str = typer.Option("protocol", "--population", help="protocol, all (every client; under yi the "
+                                   "clients not evaluated carry their last known accuracy) or selected (the round's "
+                                   "participants only)"),
+    weighting: str = typer.Option("protocol", "--weighting", help="protocol, unweighted (mean of per-client "
+                                  "accuracies), weighted (by test samples) or batch-mean (yi runs only)"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="only runs of this evaluation protocol: yi, "
+                                           "pfllib or round-end"),
     target: Optional[float] = typer.Option(None, "--target", help="target accuracy for rounds-to-target costs, e.g. 0.9"),
     focus: str = typer.Option("fedlora", "--focus", help="method whose cost ratios against the best-accuracy baseline are stated"),
 ):
     """Tables (Markdown, HTML, LaTeX, CSV) and plots from a results store."""
     from fedbench.report.build import build_report
-    from fedbench.report.frame import STATISTICS, WEIGHTINGS
     from fedbench.store import Store
+    from fedbench.summary import check_options
 
-    if statistic not in STATISTICS:
-        raise choice_error("--statistic", statistic, STATISTICS)
-    if weighting not in WEIGHTINGS:
-        raise choice_error("--weighting", weighting, WEIGHTINGS)
+    check_options(statistic, population, weighting, protocol)
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"--target must be a fraction in (0, 1], got {target}")
     if not results.is_file():
@@ -513,11 +518,12 @@ def report_cmd(
     store = Store(results)
     try:
         info = build_report(store, out_dir, statistic, weighting, target, sweep, dataset, focus,
-                            command=_invocation())
+                            command=_invocation(), population=population, protocol=protocol)
     finally:
         store.close()
+    print(info["tables"]["fairness"].to_markdown())
     out.print(f"report of {info['runs']} runs written to {out_dir}/ (report.md, report.html, "
-              f"accuracy/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
+              f"accuracy/fairness/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
 
 
 @app.command("pretrain")
