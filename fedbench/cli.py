@@ -123,16 +123,30 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
                     f"E={cfg.local_steps or cfg.epochs}{' steps' if cfg.local_steps else ''}, {models}, "
                     f"partition={cfg.partition}", title_justify="left")
     t.add_column("accuracy (test)")
-    t.add_column("last", justify="right")
-    t.add_column("best", justify="right")
-    t.add_column("mean of last 10", justify="right")
-    for w in ("unweighted", "weighted"):
-        t.add_row(f"clients' own test, {w}" if w == "unweighted" else "clients' own test, sample-weighted",
-                  _pct(s[f"acc_last_{w}"]), _pct(s[f"acc_best_{w}"]), _pct(s[f"acc_last10_{w}"]))
+    stats = ["last", "best", "last10"] + (["val"] if "acc_val_unweighted" in s else [])
+    for name in stats:
+        t.add_column({"last10": "mean of last 10", "val": "val-selected"}.get(name, name), justify="right")
+    rows = [("all", "unweighted", "clients' own test, unweighted"),
+            ("all", "weighted", "clients' own test, sample-weighted"),
+            ("all", "batch_mean", "clients' own test, batch-mean (yi)"),
+            ("selected", "unweighted", "participants only, unweighted"),
+            ("selected", "weighted", "participants only, sample-weighted")]
+    for pop, w, title in rows:
+        suffix = "" if pop == "all" else "_selected"
+        if f"acc_last_{w}{suffix}" not in s:
+            continue
+        t.add_row(title, *(_pct(s.get(f"acc_{st}_{w}{suffix}")) if f"acc_{st}_{w}{suffix}" in s else "–"
+                           for st in stats))
     if s.get("acc_last_global") is not None:
         t.add_row("global model, union of test splits", _pct(s["acc_last_global"]), _pct(s["acc_best_global"]),
-                  _pct(s["acc_last10_global"]))
+                  _pct(s["acc_last10_global"]), *(["–"] if "val" in stats else []))
     out.print(t)
+    rep = s.get("reported")
+    if rep:
+        fair = (f"; across clients: std {100 * rep['fair_std']:.2f} points, worst 10 % {_pct(rep['fair_worst10'])}, "
+                f"min {_pct(rep['fair_min'])}" if rep.get("fair_std") is not None else "")
+        out.print(f"reported ({rep['summary_short']}; see fedbench/summary.py): {_pct(rep['accuracy'])}; defined predictions: "
+                  f"{rep['defined'] or 'none evaluated'} clients{fair}")
     lang = s.get("language")
     if lang:  # the language tier: accuracy above is next-token accuracy
         before = lang.get("global_initial_test_ppl")
@@ -478,20 +492,25 @@ def report_cmd(
     out_dir: Path = typer.Option(Path("fedbench-report"), "--out", help="folder for tables, plots and report.md/html"),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="only runs on this dataset"),
-    statistic: str = typer.Option("last10", "--statistic", help="last, best or last10 (mean of the last 10 evaluations)"),
-    weighting: str = typer.Option("unweighted", "--weighting", help="unweighted (mean over clients) or weighted (by test samples)"),
+    statistic: str = typer.Option("protocol", "--statistic", help="protocol (each run's protocol's own), last, best, "
+                                  "last10 (mean of the last 10 evaluated rounds) or val (the round with the best "
+                                  "validation accuracy, its test accuracy)"),
+    population: str = typer.Option("protocol", "--population", help="protocol, all (every client; under yi the "
+                                   "clients not evaluated carry their last known accuracy) or selected (the round's "
+                                   "participants only)"),
+    weighting: str = typer.Option("protocol", "--weighting", help="protocol, unweighted (mean of per-client "
+                                  "accuracies), weighted (by test samples) or batch-mean (yi runs only)"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="only runs of this evaluation protocol: yi, "
+                                           "pfllib or round-end"),
     target: Optional[float] = typer.Option(None, "--target", help="target accuracy for rounds-to-target costs, e.g. 0.9"),
     focus: str = typer.Option("fedlora", "--focus", help="method whose cost ratios against the best-accuracy baseline are stated"),
 ):
     """Tables (Markdown, HTML, LaTeX, CSV) and plots from a results store."""
     from fedbench.report.build import build_report
-    from fedbench.report.frame import STATISTICS, WEIGHTINGS
     from fedbench.store import Store
+    from fedbench.summary import check_options
 
-    if statistic not in STATISTICS:
-        raise choice_error("--statistic", statistic, STATISTICS)
-    if weighting not in WEIGHTINGS:
-        raise choice_error("--weighting", weighting, WEIGHTINGS)
+    check_options(statistic, population, weighting, protocol)
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"--target must be a fraction in (0, 1], got {target}")
     if not results.is_file():
@@ -499,11 +518,12 @@ def report_cmd(
     store = Store(results)
     try:
         info = build_report(store, out_dir, statistic, weighting, target, sweep, dataset, focus,
-                            command=_invocation())
+                            command=_invocation(), population=population, protocol=protocol)
     finally:
         store.close()
+    print(info["tables"]["fairness"].to_markdown())
     out.print(f"report of {info['runs']} runs written to {out_dir}/ (report.md, report.html, "
-              f"accuracy/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
+              f"accuracy/fairness/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
 
 
 @app.command("pretrain")

@@ -29,7 +29,7 @@ from fedbench.engine.data import FederatedData, build_federated_data
 from fedbench.engine.simulation import RoundResult, Simulation, resolve_device
 from fedbench.errors import ConfigError
 from fedbench.store import ClaimLost, Store
-from fedbench.summary import summarize
+from fedbench.summary import stored_summary as _stored_summary
 
 
 def versions() -> dict:
@@ -237,4 +237,4 @@ def claim_or_wait(store: Store, run_id: str, rerun_complete: bool = False,
 
 
 def stored_summary(store: Store, run_id: str) -> dict:
-    return summarize(store.rounds(run_id), store.client_rounds(run_id), store.round_metrics(run_id))
+    return _stored_summary(store, run_id)

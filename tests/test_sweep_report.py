@@ -154,7 +154,7 @@ def test_sweep_killed_with_sigkill_resumes_without_rerun(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-2000:]
     md = (out / "report.md").read_text()
-    assert "Made by: `fedbench report" in md and "mean of the last 10 evaluations" in md
+    assert "Made by: `fedbench report" in md and "mean of the last 10 evaluated rounds" in md
 
 
 def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path):

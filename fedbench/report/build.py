@@ -10,30 +10,41 @@ from pathlib import Path
 from fedbench.errors import ConfigError
 from fedbench.report import plots
 from fedbench.report.frame import add_names, run_frame
-from fedbench.report.tables import accuracy_table, cost_table, error_table, global_accuracy_table
+from fedbench.report.tables import (
+    accuracy_table,
+    cost_table,
+    error_table,
+    fairness_table,
+    global_accuracy_table,
+)
+from fedbench.summary import BY_PROTOCOL
 
 FORMATS = {"md": "to_markdown", "html": "to_html", "tex": "to_latex", "csv": "to_csv"}
 
 
-def build_report(store, out: Path, stat: str = "last10", weighting: str = "unweighted", target: float | None = None,
-                 sweep: str | None = None, dataset: str | None = None, focus: str | None = "fedlora",
-                 command: str | None = None) -> dict:
-    df, curves = run_frame(store, stat, weighting, target, sweep, dataset)
+def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL,
+                 target: float | None = None, sweep: str | None = None, dataset: str | None = None,
+                 focus: str | None = "fedlora", command: str | None = None, population: str = BY_PROTOCOL,
+                 protocol: str | None = None) -> dict:
+    """Every table is made before anything is written: a summary that does not apply raises ConfigError
+    with ``out`` untouched."""
+    df, curves = run_frame(store, stat, weighting, target, sweep, dataset, population, protocol)
     if df.empty:
-        what = " and ".join(x for x in (f"sweep {sweep!r}" if sweep else "", f"dataset {dataset!r}" if dataset else "") if x)
+        what = " and ".join(x for x in (f"sweep {sweep!r}" if sweep else "", f"dataset {dataset!r}" if dataset else "",
+                                        f"protocol {protocol!r}" if protocol else "") if x)
         raise ConfigError(f"no complete runs in {store.path}" + (f" for {what}" if what else ""))
     df = add_names(df)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = [accuracy_table(df, stat, weighting), global_accuracy_table(df, stat), cost_table(df, target, focus),
+    tables = [accuracy_table(df), global_accuracy_table(df), fairness_table(df), cost_table(df, target, focus),
               error_table(df)]
     tables = [t for t in tables if t is not None]
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for t in tables:
         for ext, fn in FORMATS.items():
             p = out / f"{t.name}.{ext}"
             p.write_text(getattr(t, fn)())
             written.append(p)
-    pngs = (plots.accuracy_curves(df, curves, out, weighting) + plots.accuracy_vs_cost(df, out)
+    pngs = (plots.accuracy_curves(df, curves, out) + plots.accuracy_vs_cost(df, out)
             + plots.rank_mu_heatmaps(df, out) + plots.accuracy_vs_clients(df, out)
             + plots.global_accuracy_curves(df, curves, out) + plots.metric_curves(df, out))
     df.drop(columns=["metric_curves"]).to_csv(out / "runs.csv", index=False)
@@ -52,5 +63,5 @@ def build_report(store, out: Path, stat: str = "last10", weighting: str = "unwei
             f"<p>Made by: <code>{html.escape(command)}</code></p><p>{len(df)} complete runs</p>"
             + "".join(t.to_html() for t in tables) + imgs + "</body></html>")
     (out / "report.html").write_text(page)
-    return {"runs": len(df), "files": [str(p) for p in written] + [str(p) for p in pngs]
+    return {"runs": len(df), "tables": {t.name: t for t in tables}, "files": [str(p) for p in written] + [str(p) for p in pngs]
             + [str(out / "report.md"), str(out / "report.html")]}

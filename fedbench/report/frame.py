@@ -1,14 +1,13 @@
-"""From the store to one row per run: config columns, accuracy under a named statistic, costs.
+"""From the store to one row per run: config columns, accuracy under a named summary, fairness, costs.
 
-Statistics (every table caption names the one used):
-* ``last``: accuracy at the last evaluated round;
-* ``best``: the maximum over evaluated rounds (PFLlib/HtFLlib convention);
-* ``last10``: the mean of the last 10 evaluated rounds (the pFedLoRA authors' convention).
-Population: all clients. Weighting: ``unweighted`` (mean of per-client accuracies) or ``weighted``
-(sample-weighted, sum correct / sum total).
+The summary of each run (protocol, population, statistic, weighting) is resolved by
+:func:`fedbench.summary.resolve`: ``protocol`` as an option's value means the run's protocol's own convention.
+The protocol of the runs (``eval_protocol``) is a setting column whenever the runs differ in it, so runs of
+different protocols are never averaged together.
 
-Rounds to target follow the paper family's convention (spec A.6): the first round whose mean
-accuracy reaches the target; cost to target = rounds to target x cost per round.
+Rounds to target (spec A.6): the first evaluation round whose accuracy, in the same series the accuracy
+table summarises (population and weighting), reaches the target. Cost to target: the cumulative stored
+bytes (up + down, all clients), client training MACs and server MACs of rounds 1..that round.
 """
 
 from __future__ import annotations
@@ -18,12 +17,24 @@ import json
 import numpy as np
 import pandas as pd
 
-from fedbench.summary import accuracy_series, global_accuracy_series
+from fedbench.errors import ConfigError
+from fedbench.summary import (
+    BY_PROTOCOL,
+    STATISTICS,
+    WEIGHTINGS,
+    accuracy_series,
+    cost_to_target,
+    global_accuracy_series,
+    resolve,
+    run_protocol,
+    summarize_accuracy,
+)
 
-STATISTICS = ("last", "best", "last10")
-WEIGHTINGS = ("unweighted", "weighted")
+__all__ = ["STATISTICS", "WEIGHTINGS", "accuracy_series", "run_frame", "add_names", "statistic"]
+
 # config keys that never define a setting: the method, the seed, and evaluation-only knobs
 NOT_SETTING = {"method", "seed", "eval_batch_size", "eval_every", "method_params"}
+PROTOCOL_KEY = "eval_protocol"  # a setting whenever it varies: never averaged across
 # method hyper-parameters that define a setting rather than a method variant (the federated-LoRA family's
 # client ranks: homogeneous vs heterogeneous is the setting, every method of the family has the option)
 SETTING_HPARAMS = ("hp_ranks",)
@@ -32,6 +43,7 @@ REPORT_METRICS = ("agg_deviation", "fedit_factor_error_rel", "energy_ratio_rmin"
 
 
 def statistic(series: np.ndarray, stat: str) -> float:
+    """A round statistic (last, best, last10) of a plain per-round series."""
     if series.size == 0:
         return float("nan")
     if stat == "last":
@@ -41,20 +53,33 @@ def statistic(series: np.ndarray, stat: str) -> float:
     return float(series[-10:].mean())
 
 
+def _global_statistic(glob: pd.Series, stat: str, clients_rounds: list[int]) -> float:
+    """The global model's accuracy under a statistic; ``val``: at the round the clients' validation picked."""
+    if not len(glob):
+        return np.nan
+    if stat == "val":
+        return float(glob.get(clients_rounds[0], np.nan)) if clients_rounds else np.nan
+    return statistic(glob.to_numpy(dtype=float), stat)
+
+
 def _reproduce(cfg: dict, recorded: str) -> str:
     """The `fedbench run` command that reproduces a stored config on any device (device-dependent
     options spelled out); the recorded invocation where the config cannot be rebuilt (method gone)."""
     from fedbench.config import config_from_dict, config_to_cli
-    from fedbench.errors import ConfigError
     try:
         return config_to_cli(config_from_dict(cfg))
     except ConfigError:
         return recorded
 
 
-def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target: float | None = None,
-              sweep: str | None = None, dataset: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """One row per complete run, plus {run_id: accuracy-per-round DataFrame}."""
+def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, target: float | None = None,
+              sweep: str | None = None, dataset: str | None = None, population: str = BY_PROTOCOL,
+              protocol: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """One row per complete run, plus {run_id: accuracy-per-round DataFrame}.
+
+    Raises ConfigError (before anything is written) where an asked summary does not apply to a run:
+    batch-mean weighting for a run not of protocol yi, the val statistic for a run without validation rows.
+    """
     runs = store.runs(status="complete")
     if sweep:
         runs = runs[runs["sweep"] == sweep]
@@ -63,11 +88,15 @@ def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target
         cfg = json.loads(r["config_json"])
         if dataset and cfg["dataset"] != dataset:
             continue
+        proto = run_protocol(cfg)
+        if protocol and proto != protocol:
+            continue
+        who = f"run {r['run_id']} ({r['label']})"
+        summ = resolve(proto, stat, population, weighting, run=who)
         cr = store.client_rounds(r["run_id"])
         rounds = store.rounds(r["run_id"])
-        acc = accuracy_series(cr)
-        col = "acc_mean" if weighting == "unweighted" else "acc_weighted"
-        curve = acc.rename(columns={col: "accuracy"})[["round", "accuracy"]]
+        numbers, series, _ = summarize_accuracy(cr, store.client_metrics(r["run_id"]), summ, run=who)
+        curve = series.reset_index()[["round", "accuracy", "defined", "population"]]
         rm = store.round_metrics(r["run_id"])
         glob = global_accuracy_series(rm)
         metric_wide = rm.pivot(index="round", columns="name", values="value") if not rm.empty else pd.DataFrame()
@@ -75,29 +104,27 @@ def run_frame(store, stat: str = "last10", weighting: str = "unweighted", target
             if len(glob) else curve.assign(global_accuracy=np.nan)
         curves[r["run_id"]] = curve
         metric_curves = {m: metric_wide[m].dropna() for m in REPORT_METRICS if m in metric_wide}
-        n_rounds = max(int(rounds["round"].max()), 1)
-        per_round = cr.groupby("round")[["bytes_up", "bytes_down", "train_macs"]].sum().mean()
-        reached = acc[acc["acc_mean"] >= target]["round"] if target is not None else pd.Series(dtype=int)
-        rtt = int(reached.iloc[0]) if len(reached) else None
+        n_rounds = max(int(rounds["round"].max()), 1) if len(rounds) else 1
         row = {k: v for k, v in cfg.items() if k != "method_params"}
         row.update({f"hp_{k}": v for k, v in cfg["method_params"].items()})
+        row[PROTOCOL_KEY] = proto
         row.update(
             run_id=r["run_id"], label=r["label"], command=_reproduce(cfg, r["command"]), invocation=r["command"],
-            sweep=r["sweep"],
-            accuracy=statistic(acc[col].to_numpy(dtype=float), stat),
-            global_accuracy=statistic(glob.to_numpy(dtype=float), stat) if len(glob) else np.nan,
-            bytes_up_round=float(per_round["bytes_up"]), bytes_down_round=float(per_round["bytes_down"]),
-            client_tflop_round=2 * float(per_round["train_macs"]) / 1e12,
+            sweep=r["sweep"], summary=summ.short(), summary_text=summ.describe(), population=summ.population,
+            statistic=summ.statistic, weighting=summ.weighting,
+            accuracy=numbers["accuracy"], selected_rounds=numbers["rounds"],
+            global_accuracy=_global_statistic(glob, summ.statistic, numbers["rounds"]),
+            bytes_up_round=float(cr["bytes_up"].sum()) / n_rounds, bytes_down_round=float(cr["bytes_down"].sum()) / n_rounds,
+            client_tflop_round=2 * float(cr["train_macs"].sum()) / 1e12 / n_rounds,
             server_tflop_round=2 * float(rounds["server_macs"].sum()) / 1e12 / n_rounds,
-            rounds_to_target=rtt, wall_s=float(rounds["wall_s"].sum()),
+            wall_s=float(rounds["wall_s"].sum()),
+            **{k: numbers[k] for k in numbers if k not in ("accuracy", "rounds")},
+            **cost_to_target(series, cr, rounds, target),
         )
         row["bytes_round"] = row["bytes_up_round"] + row["bytes_down_round"]
         for m, v in metric_curves.items():
             row[f"{m}_mean"], row[f"{m}_last"] = float(v.mean()), float(v.iloc[-1])
         row["metric_curves"] = metric_curves
-        if rtt is not None:
-            row["bytes_to_target"] = row["bytes_round"] * rtt
-            row["tflop_to_target"] = row["client_tflop_round"] * rtt
         rows.append(row)
     return pd.DataFrame(rows), curves
 
@@ -115,6 +142,8 @@ def setting_columns(df: pd.DataFrame) -> list[str]:
     """Core options (not method hyper-parameters) that vary across the runs: they define settings."""
     from fedbench.config import CORE_FIELDS
     cols = [k for k in CORE_FIELDS if k not in NOT_SETTING and k in df.columns and df[k].nunique(dropna=False) > 1]
+    if PROTOCOL_KEY not in cols and PROTOCOL_KEY in df.columns and df[PROTOCOL_KEY].nunique() > 1:
+        cols.append(PROTOCOL_KEY)
     cols += [k for k in SETTING_HPARAMS if k in df.columns and df[k].fillna("").nunique() > 1]
     return cols or ["dataset"]
 

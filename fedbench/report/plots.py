@@ -32,7 +32,8 @@ def _line_panels(long: pd.DataFrame, y: str, ylabel: str, path: Path) -> list[Pa
     return [_save(fig, path)]
 
 
-def accuracy_curves(df: pd.DataFrame, curves: dict, out: Path, weighting: str) -> list[Path]:
+def accuracy_curves(df: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
+    """The per-round series each run's summary reads (its population and weighting)."""
     rows = []
     for _, r in df.iterrows():
         c = curves[r["run_id"]].copy()
@@ -42,7 +43,10 @@ def accuracy_curves(df: pd.DataFrame, curves: dict, out: Path, weighting: str) -
         return []
     long = pd.concat(rows)
     long["accuracy"] *= 100
-    return _line_panels(long, "accuracy", f"mean local test accuracy (%), {weighting}", out / "accuracy_rounds.png")
+    kinds = df.drop_duplicates(["population", "weighting"])
+    what = (f"{kinds['population'].iloc[0]} clients, {kinds['weighting'].iloc[0]}" if len(kinds) == 1
+            else "per protocol's population and weighting")
+    return _line_panels(long, "accuracy", f"local test accuracy (%), {what}", out / "accuracy_rounds.png")
 
 
 def pareto_mask(cost: np.ndarray, acc: np.ndarray) -> np.ndarray:
@@ -109,7 +113,8 @@ def accuracy_vs_clients(df: pd.DataFrame, out: Path) -> list[Path]:
     d["accuracy"] *= 100
     d["N (C)"] = d["clients"].astype(str) + " (" + d["fraction"].astype(str) + ")"
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.pointplot(data=d.sort_values("clients"), x="N (C)", y="accuracy", hue="variant", errorbar="sd", ax=ax, dodge=0.3)
+    sns.pointplot(data=d.sort_values("clients"), x="N (C)", y="accuracy", hue="variant", errorbar="sd", ax=ax,
+                  dodge=0.3 if d["variant"].nunique() > 1 else False)  # seaborn divides by (hues - 1)
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
     return [_save(fig, out / "accuracy_vs_clients.png")]

@@ -10,6 +10,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from fedbench.errors import ConfigError
+from fedbench.summary import STAT_NAMES
+
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "±": r"$\pm$", "×": r"$\times$"}
 
@@ -79,19 +82,60 @@ def _seeds_agg(values: pd.Series) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-STAT_NAMES = {"last": "last evaluated round", "best": "best round", "last10": "mean of the last 10 evaluations"}
+def _summaries(df: pd.DataFrame) -> dict[str, str]:
+    """{setting: the summary its runs were computed under}; refuses a setting whose runs differ."""
+    out = {}
+    for st, sub in df.groupby("setting", sort=False):
+        kinds = list(dict.fromkeys(sub["summary_text"]))
+        if len(kinds) > 1:
+            raise ConfigError(f"runs of setting {st!r} were summarised differently ({' | '.join(kinds)}); "
+                              f"refusing to put them in one column")
+        out[st] = kinds[0]
+    return out
 
 
-def global_accuracy_table(df: pd.DataFrame, stat: str, alpha: float = 0.05) -> Table | None:
+def summary_caption(df: pd.DataFrame) -> str:
+    """Names protocol, population, statistic and weighting: once, or per setting where they differ."""
+    per = _summaries(df)
+    kinds = set(per.values())
+    if len(kinds) == 1:
+        return f"Summary: {next(iter(kinds))}."
+    return "Summaries differ by column (each protocol's convention): " + " | ".join(
+        f"{st}: {txt}" for st, txt in per.items()) + "."
+
+
+def _summary_row(df: pd.DataFrame, settings: list[str]) -> list[Cell]:
+    short = df.groupby("setting", sort=False)["summary"].first()
+    return [Cell("summary")] + [Cell(short[s]) for s in settings]
+
+
+def _defined_range(sub: pd.DataFrame) -> str:
+    from fedbench.summary import defined_text
+    return defined_text({k: int(sub[k].min() if k.endswith("_min") else sub[k].max())
+                         for k in ("defined_min", "defined_max", "population_min", "population_max",
+                                   "never_min", "never_max")})
+
+
+def _incomplete(sub: pd.DataFrame) -> bool:
+    return bool((sub["defined_min"] < sub["population_max"]).any() or (sub["never_max"] > 0).any())
+
+
+def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05) -> Table | None:
     """The global model (methods that have one) on the union of the clients' test splits."""
     if "global_accuracy" not in df or df["global_accuracy"].notna().sum() == 0:
         return None
-    t = accuracy_table(df, stat, "unweighted", alpha, column="global_accuracy")
+    t = accuracy_table(df, alpha, column="global_accuracy")
     t.name = "global_accuracy"
+    stats_ = df.groupby("setting", sort=False)["statistic"].first()
+    stat_text = (STAT_NAMES[stats_.iloc[0]] if stats_.nunique() == 1
+                 else " | ".join(f"{s}: {STAT_NAMES[v]}" for s, v in stats_.items()))
     t.caption = (f"Global-model accuracy (%) on the union of all clients' test splits (one pooled accuracy, "
-                 f"sample-weighted by construction), {STAT_NAMES[stat]}; mean ± std over seeds (n); – : the method "
-                 f"has no global model (personalised or local-only). Bold: best per setting; †: not significantly "
-                 f"different from the best (Welch's t-test, p ≥ {alpha}).")
+                 f"sample-weighted by construction; population and weighting do not apply), statistic: {stat_text} "
+                 f"(val: at the round the clients' validation accuracy selects); mean ± std over seeds (n); – : the "
+                 f"method has no global model (personalised or local-only). Bold: best per setting; †: not "
+                 f"significantly different from the best (Welch's t-test, p ≥ {alpha}).")
+    t.rows[0] = [Cell("statistic")] + [Cell(stats_.get(h, "")) for h in t.header[1:]]
+    t.notes = [n for n in t.notes if not n.startswith("Defined predictions")]
     return t
 
 
@@ -115,17 +159,17 @@ def error_table(df: pd.DataFrame) -> Table | None:
     return t
 
 
-def accuracy_table(df: pd.DataFrame, stat: str, weighting: str, alpha: float = 0.05,
-                   column: str = "accuracy") -> Table:
-    """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best."""
+def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy") -> Table:
+    """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best.
+    The first row names each column's summary (a CSV has no caption)."""
     settings = list(dict.fromkeys(df["setting"]))
     variants = list(dict.fromkeys(df.sort_values(["method", "variant"])["variant"]))
-    stat_name = STAT_NAMES[stat]
     t = Table("accuracy",
-              f"Mean local test accuracy (%) over all clients, {weighting} over clients, {stat_name}; "
-              f"mean ± std over seeds (n). Bold: best per setting; †: not significantly different from the best "
-              f"(Welch's t-test, p ≥ {alpha}).",
+              f"Mean local test accuracy (%). {summary_caption(df)} Mean ± std over seeds (n). Bold: best per "
+              f"setting; †: not significantly different from the best (Welch's t-test, p ≥ {alpha}); –: no defined "
+              f"accuracy.",
               ["method"] + settings)
+    t.rows.append(_summary_row(df, settings))
     cells = {}
     for s in settings:
         sub = df[df["setting"] == s]
@@ -151,6 +195,34 @@ def accuracy_table(df: pd.DataFrame, stat: str, weighting: str, alpha: float = 0
         t.rows.append([Cell(v)] + [cells[(v, s)] for s in settings])
     if (df.groupby(["variant", "setting"]).size() < 2).any():
         t.notes.append("Cells with a single seed get no significance mark.")
+    for (v, s), sub in df.groupby(["variant", "setting"], sort=False):
+        if _incomplete(sub):
+            t.notes.append(f"Defined predictions: {v} in {s}: {_defined_range(sub)} clients at the selected "
+                           f"round(s); the accuracy is over the defined ones (see the fairness table).")
+    return t
+
+
+def fairness_table(df: pd.DataFrame) -> Table:
+    """Per variant and setting: spread of per-client accuracy at the summary's round(s), and how many
+    clients had a defined prediction there."""
+    t = Table("fairness",
+              "Fairness across clients at the round(s) the summary selects (computed per round, averaged over "
+              "the rounds of last10): std of per-client accuracies (population std, points), mean of the worst "
+              "ceil(10 %) clients (%), minimum (%); mean over seeds. defined: clients with a defined prediction "
+              "/ clients in the population at those rounds (ranges over rounds and seeds); never evaluated: "
+              f"clients with no evaluation yet, left out. {summary_caption(df)}",
+              ["method", "setting", "std", "worst 10 %", "min", "defined"])
+    order = {s: i for i, s in enumerate(dict.fromkeys(df["setting"]))}
+    keys = sorted(df.groupby(["setting", "variant"], sort=False).groups,
+                  key=lambda k: (order[k[0]], k[1]))
+    for s, v in keys:
+        sub = df[(df["setting"] == s) & (df["variant"] == v)]
+
+        def pct(c, sub=sub):
+            x = sub[c].dropna()
+            return Cell("–") if x.empty else Cell(f"{100 * x.mean():.2f}", float(x.mean()))
+        t.rows.append([Cell(v), Cell(s), pct("fair_std"), pct("fair_worst10"), pct("fair_min"),
+                       Cell(_defined_range(sub))])
     return t
 
 
@@ -163,55 +235,83 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:.0f} B"
 
 
+def _ratio(name: str, base: float, mine: float, unit: str) -> str:
+    def show(x):
+        return _fmt_bytes(x) if unit == "bytes" else f"{x:.3f} TFLOP"
+    if base == 0 or mine == 0:
+        return f"{name} {show(mine)} vs {show(base)}"
+    return f"{name} {base / mine:.2f}× lower" if base >= mine else f"{name} {mine / base:.2f}× higher"
+
+
 def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None) -> Table:
-    """Per variant and setting: bytes and FLOPs per round, rounds/bytes/FLOPs to the target accuracy, and
-    the ratios of the best-accuracy baseline's costs to the focus method's (as the FedLoRA abstract states them)."""
+    """Per variant and setting: bytes and FLOPs per round, rounds to the target accuracy and the stored
+    cumulative bytes and FLOPs up to that round, and the ratios of the best-accuracy baseline's costs to the
+    focus method's (as the FedLoRA abstract states them)."""
     header = ["method", "setting", "up / round", "down / round", "client TFLOP / round", "server TFLOP / round"]
     if target is not None:
-        header += [f"rounds to {target:.0%}", "bytes to target", "TFLOP to target"]
-    cap = ("Costs per round (mean over seeds; all clients, up and down separately; FLOPs = 2 × fvcore MACs, "
-           "training only")
-    cap += f"), and to reach {target:.0%} mean accuracy (first round reaching it)." if target is not None else ")."
+        header += [f"rounds to {target:.0%}", "bytes to target", "client TFLOP to target", "server TFLOP to target"]
+    cap = ("Costs per round (stored totals / rounds, mean over seeds; all clients, up and down separately; "
+           "FLOPs = 2 × fvcore MACs, training only)")
+    if target is not None:
+        cap += (f", and to reach {target:.0%} accuracy: the first evaluation round whose accuracy, in the series "
+                f"the accuracy table summarises, reaches it; bytes and TFLOP to target are the stored per-round sums "
+                f"of rounds 1 up to and including that round, mean over the seeds that reached it ((k/n seeds) where "
+                f"not all did). {summary_caption(df)}")
+    else:
+        cap += "."
     t = Table("costs", cap, header)
     g = df.groupby(["setting", "variant"], sort=False)
+
+    def reached_mean(x):
+        return x.dropna().mean() if x.notna().any() else np.nan
     agg = g.agg(up=("bytes_up_round", "mean"), down=("bytes_down_round", "mean"),
                 tflop=("client_tflop_round", "mean"), server=("server_tflop_round", "mean"),
                 acc=("accuracy", "mean"), method=("method", "first"),
-                rtt=("rounds_to_target", lambda x: x.dropna().mean() if x.notna().any() else np.nan),
-                reached=("rounds_to_target", lambda x: int(x.notna().sum())), n=("accuracy", "size")).reset_index()
-    agg["bytes_tt"] = (agg["up"] + agg["down"]) * agg["rtt"]
-    agg["tflop_tt"] = agg["tflop"] * agg["rtt"]
+                rtt=("rounds_to_target", reached_mean), reached=("rounds_to_target", lambda x: int(x.notna().sum())),
+                bytes_tt=("bytes_to_target", reached_mean), tflop_tt=("client_tflop_to_target", reached_mean),
+                server_tt=("server_tflop_to_target", reached_mean), n=("accuracy", "size")).reset_index()
     order = {s: i for i, s in enumerate(dict.fromkeys(df["setting"]))}
     agg["_order"] = agg["setting"].map(order)
+
+    def num(x, fmt):
+        return Cell("–") if not np.isfinite(x) else Cell(fmt(x), float(x))
     for _, r in agg.sort_values(["_order", "method", "variant"]).iterrows():
         row = [Cell(r["variant"]), Cell(r["setting"]), Cell(_fmt_bytes(r["up"])), Cell(_fmt_bytes(r["down"])),
                Cell(f"{r['tflop']:.4f}"), Cell(f"{r['server']:.4f}")]
         if target is not None:
-            rtt = "not reached" if r["reached"] == 0 else f"{r['rtt']:.1f}" + (
-                f" ({r['reached']}/{r['n']} seeds)" if r["reached"] < r["n"] else "")
-            row += [Cell(rtt), Cell(_fmt_bytes(r["bytes_tt"])),
-                    Cell("–" if not np.isfinite(r["tflop_tt"]) else f"{r['tflop_tt']:.3f}")]
+            seeds = f" ({r['reached']}/{r['n']} seeds)" if 0 < r["reached"] < r["n"] else ""
+            if r["reached"] == 0:
+                row += [Cell(f"not reached ({r['n']} seeds)")] + [Cell("not reached")] * 3
+            else:
+                row += [Cell(f"{r['rtt']:.1f}{seeds}"), Cell(_fmt_bytes(r["bytes_tt"]) + seeds),
+                        num(r["tflop_tt"], lambda x: f"{x:.3f}"), num(r["server_tt"], lambda x: f"{x:.3f}")]
         t.rows.append(row)
+    if target is not None and "never_at_target" in df:
+        for (s, v), sub in df.groupby(["setting", "variant"], sort=False):
+            never = sub["never_at_target"].dropna()
+            if len(never) and never.max() > 0:
+                t.notes.append(f"{v} in {s} reached the target while up to {int(never.max())} clients had not "
+                               f"been evaluated yet (left out of the accuracy of that round).")
     if focus is not None and (agg["method"] == focus).any():
         for s, sub in agg.groupby("setting", sort=False):
-            mine_rows = sub[sub["method"] == focus]
-            others = sub[sub["method"] != focus]
+            mine_rows = sub[(sub["method"] == focus) & sub["acc"].notna()]
+            others = sub[(sub["method"] != focus) & sub["acc"].notna()]
             if others.empty or mine_rows.empty:
                 continue
-            mine = mine_rows.sort_values("acc").iloc[-1]
-            base = others.sort_values("acc").iloc[-1]
-            ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points"]
-            for name, a, b in (("communication per round", base["up"] + base["down"], mine["up"] + mine["down"]),
-                               ("computation per round", base["tflop"], mine["tflop"]),
-                               ("communication to target", base["bytes_tt"], mine["bytes_tt"]),
-                               ("computation to target", base["tflop_tt"], mine["tflop_tt"])):
-                if not (np.isfinite(a) and np.isfinite(b)):
-                    continue
-                if a == 0 or b == 0:
-                    ratios.append(f"{name} {_fmt_bytes(b) if 'communication' in name else f'{b:.3f} TFLOP'} vs "
-                                  f"{_fmt_bytes(a) if 'communication' in name else f'{a:.3f} TFLOP'}")
+            mine = mine_rows.loc[mine_rows["acc"].idxmax()]
+            base = others.loc[others["acc"].idxmax()]
+            ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points",
+                      _ratio("communication per round", base["up"] + base["down"], mine["up"] + mine["down"], "bytes"),
+                      _ratio("computation per round", base["tflop"], mine["tflop"], "tflop")]
+            if target is not None:
+                if mine["reached"] == mine["n"] and base["reached"] == base["n"]:
+                    ratios += [_ratio("communication to target", base["bytes_tt"], mine["bytes_tt"], "bytes"),
+                               _ratio("computation to target (client + server)", base["tflop_tt"] + base["server_tt"],
+                                      mine["tflop_tt"] + mine["server_tt"], "tflop")]
                 else:
-                    ratios.append(f"{name} {a / b:.2f}× lower" if a >= b else f"{name} {b / a:.2f}× higher")
+                    ratios.append(f"no cost-to-target ratio: the target was reached by {mine['variant']} in "
+                                  f"{mine['reached']}/{mine['n']} seeds and by {base['variant']} in "
+                                  f"{base['reached']}/{base['n']}")
             t.notes.append(f"{mine['variant']} vs the best-accuracy baseline {base['variant']} "
                            f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
     return t

@@ -1,0 +1,355 @@
+"""Summaries (spec §A.5) and cost to target (§A.6) pinned on hand-made stores: rows written through the
+store's API with chosen correct/total counts, so every expected number is computed by hand below."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fedbench.cli import main
+from fedbench.config import make_config
+from fedbench.errors import ConfigError
+from fedbench.report.build import build_report
+from fedbench.report.frame import add_names, run_frame
+from fedbench.report.tables import accuracy_table, cost_table, fairness_table
+from fedbench.store import Store
+from fedbench.summary import (
+    Summary,
+    client_states,
+    resolve,
+    round_series,
+    stored_summary,
+    summarize_accuracy,
+    worst_fraction_mean,
+)
+
+
+@dataclass
+class Row:
+    client: int
+    selected: bool
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_macs: int = 0
+    eval_macs: int = 0
+    train_samples: int = 0
+    correct: int | None = None
+    total: int | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Round:
+    round: int
+    rows: list
+    server_macs: int = 0
+    wall_s: float = 1.0
+    train_s: float = 0.5
+    eval_s: float = 0.5
+    evaluated: bool = True
+    metrics: dict = field(default_factory=dict)
+
+    def accuracy(self):
+        return None, None  # the report never reads rounds.acc_mean / acc_weighted
+
+
+def add_run(store: Store, run_id: str, rounds: list[Round], method: str = "standalone", protocol: str | None = None,
+            seed: int = 0, **cfg_values) -> None:
+    cfg = make_config({"method": method, "dataset": "synthetic", "clients": len(rounds[0].rows), "seed": seed,
+                       **cfg_values}).to_dict()
+    if protocol is not None:  # absent: a run stored before the key existed (round-end)
+        cfg["eval_protocol"] = protocol
+    fake = SimpleNamespace(method=method, dataset="synthetic", canonical_json=lambda: json.dumps(cfg, sort_keys=True))
+    n = len(rounds[0].rows)
+    clients = [{"client": k, "arch": "cnn1", "n_train": 10, "n_val": 5, "n_test": 10, "class_counts": {}}
+               for k in range(n)]
+    store.start_run(run_id, fake, method, "digest", "pdigest", {}, "cpu", f"fedbench run {run_id}", clients)
+    for r in rounds:
+        store.write_round(run_id, r)
+    store.finish_run(run_id)
+
+
+def frame(store, **kw):
+    df, _ = run_frame(store, **kw)
+    return add_names(df)
+
+
+# --------------------------------------------------------------------------- yi: carry-forward mean
+
+# 4 clients, 2 participants per round, each evaluated right after its training (yi):
+#   round 1: c0 6/10, c1 8/10                       (c2, c3 never evaluated yet)
+#   round 2: c2 5/10, c3 10/10                      (c0 carries 0.6, c1 carries 0.8)
+#   round 3: c0 10/10, c2 7/10                      (c1 carries 0.8, c3 carries 1.0)
+YI = {1: {0: (6, 10, 0.55), 1: (8, 10, 0.75)}, 2: {2: (5, 10, 0.45), 3: (10, 10, 1.0)},
+      3: {0: (10, 10, 1.0), 2: (7, 10, 0.65)}}
+
+
+def yi_rounds() -> list[Round]:
+    out = []
+    for t, ev in YI.items():
+        rows = []
+        for c in range(4):
+            if c in ev:
+                cor, tot, bm = ev[c]
+                rows.append(Row(c, True, 100, 100, 10, correct=cor, total=tot, metrics={"acc_batch_mean": bm}))
+            else:
+                rows.append(Row(c, False, 0, 100))
+        out.append(Round(t, rows))
+    return out
+
+
+def test_yi_carries_last_known_accuracy_and_counts_never_evaluated(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "yi", yi_rounds(), protocol="yi")
+    cr, cm = store.client_rounds("yi"), store.client_metrics("yi")
+    series = round_series(client_states(cr, cm, "all"), "unweighted")
+    per_round = [(0.6 + 0.8) / 2, (0.6 + 0.8 + 0.5 + 1.0) / 4, (1.0 + 0.8 + 0.7 + 1.0) / 4]
+    assert series["accuracy"].tolist() == pytest.approx(per_round)
+    assert series["never"].tolist() == [2, 0, 0] and series["defined"].tolist() == [2, 4, 4]
+    # the yi convention: all clients with carry, mean of the last 10 rounds (here all 3), unweighted
+    s, _, _ = summarize_accuracy(cr, cm, resolve("yi"))
+    assert s["accuracy"] == pytest.approx(np.mean(per_round))
+    assert (s["never_min"], s["never_max"], s["defined_min"], s["population_max"]) == (0, 2, 2, 4)
+    # participants only: no carry
+    sel, _, _ = summarize_accuracy(cr, cm, resolve("yi", population="selected"))
+    assert sel["accuracy"] == pytest.approx(np.mean([0.7, 0.75, 0.85]))
+    # the authors' batch-mean accuracy, carried the same way
+    bm, _, _ = summarize_accuracy(cr, cm, resolve("yi", weighting="batch-mean", statistic="last"))
+    assert bm["accuracy"] == pytest.approx((1.0 + 0.75 + 0.65 + 1.0) / 4)
+    # fedbench run's printout reports the protocol's number with the never-evaluated count
+    rep = stored_summary(store, "yi")["reported"]
+    assert rep["accuracy"] == pytest.approx(np.mean(per_round)) and rep["defined"] == "2–4/4 (0–2 never evaluated)"
+    assert "protocol yi" in rep["summary"] and "last known accuracy" in rep["summary"]
+
+
+# --------------------------------------------------------------------------- pfllib: best round, weighted
+
+# 2 clients, all evaluated every round (pfllib), c0 has 100 test samples and c1 10:
+#   round 1: 80/100, 2/10   unweighted 0.5  weighted 82/110
+#   round 2: 60/100, 10/10  unweighted 0.8  weighted 70/110
+#   round 3: 70/100, 5/10   unweighted 0.6  weighted 75/110
+# Bytes up per client vary by round (100, 1000, 10), so cumulative and average x rounds differ.
+PF = {1: ((80, 100), (2, 10)), 2: ((60, 100), (10, 10)), 3: ((70, 100), (5, 10))}
+UP = {1: 100, 2: 1000, 3: 10}
+MACS = {1: 1e9, 2: 5e9, 3: 2e9}
+SERVER = {1: 0, 2: 3e9, 3: 0}
+
+
+def pf_rounds(scale: float = 1.0) -> list[Round]:
+    return [Round(t, [Row(c, True, int(UP[t] * scale), 50, int(MACS[t] * scale), correct=cor, total=tot)
+                      for c, (cor, tot) in enumerate(PF[t])], server_macs=int(SERVER[t] * scale))
+            for t in PF]
+
+
+def test_pfllib_reports_the_best_round_sample_weighted(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "pf", pf_rounds(), protocol="pfllib")
+    df = frame(store)
+    r = df.iloc[0]
+    assert r["accuracy"] == pytest.approx(82 / 110) and r["selected_rounds"] == [1]
+    assert (r["population"], r["statistic"], r["weighting"]) == ("all", "best", "weighted")
+    # the same run asked for round-end's convention: last 10 (3) rounds, unweighted
+    df2 = frame(store, stat="last10", weighting="unweighted")
+    assert df2.iloc[0]["accuracy"] == pytest.approx((0.5 + 0.8 + 0.6) / 3)
+    t = accuracy_table(df)
+    assert "protocol pfllib" in t.caption and "sample-weighted" in t.caption and "best round" in t.caption
+    assert t.rows[0][1].text == "protocol pfllib, all, best, weighted"
+
+
+def test_rounds_to_target_follow_the_weighting(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "pf", pf_rounds(), protocol="pfllib")
+    w = frame(store, weighting="weighted", target=0.7).iloc[0]
+    u = frame(store, weighting="unweighted", target=0.7).iloc[0]
+    assert w["rounds_to_target"] == 1   # 82/110 = 0.745 at round 1
+    assert u["rounds_to_target"] == 2   # unweighted: 0.5, then 0.8
+    assert frame(store, weighting="unweighted", target=0.95).iloc[0]["rounds_to_target"] is None
+
+
+def test_cost_to_target_is_the_cumulative_stored_cost(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "pf", pf_rounds(), protocol="pfllib")
+    r = frame(store, weighting="unweighted", target=0.7).iloc[0]
+    # rounds 1 and 2, both clients: up 100 + 1000 each, down 50 + 50 each
+    cumulative = 2 * (100 + 1000) + 2 * (50 + 50)
+    average_x_rounds = (2 * (100 + 1000 + 10) + 2 * 3 * 50) / 3 * 2
+    assert r["bytes_to_target"] == cumulative and cumulative != pytest.approx(average_x_rounds)
+    assert r["client_tflop_to_target"] == pytest.approx(2 * 2 * (1e9 + 5e9) / 1e12)
+    assert r["server_tflop_to_target"] == pytest.approx(2 * 3e9 / 1e12)
+    assert r["bytes_round"] == pytest.approx((2 * (100 + 1000 + 10) + 2 * 3 * 50) / 3)
+
+
+def test_cost_ratio_against_the_best_baseline_uses_cumulative_costs(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "focus", pf_rounds(scale=0.5), method="fedlora", protocol="pfllib")
+    add_run(store, "base", pf_rounds(), method="standalone", protocol="pfllib")
+    # a worse baseline that never reaches the target: not the best-accuracy baseline, not in the ratio
+    worse = [Round(t, [Row(c, True, 1, 1, 1, correct=1, total=10) for c in range(2)]) for t in (1, 2, 3)]
+    add_run(store, "worse", worse, method="fml", protocol="pfllib")
+    df = frame(store, weighting="unweighted", target=0.7)
+    t = cost_table(df, 0.7, "fedlora")
+    note = t.notes[0]
+    assert "best-accuracy baseline standalone" in note
+    base_bytes, mine_bytes = 2 * 1100 + 200, 2 * 550 + 200
+    assert f"communication to target {base_bytes / mine_bytes:.2f}× lower" in note
+    assert "computation to target (client + server) 2.00× lower" in note
+    fml = [row for row in t.rows if row[0].text == "fml"][0]
+    assert fml[6].text == "not reached (1 seeds)" and fml[7].text == "not reached"
+
+
+def test_no_cost_ratio_when_a_side_did_not_reach_the_target_in_every_seed(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "focus", pf_rounds(scale=0.5), method="fedlora", protocol="pfllib")
+    add_run(store, "base0", pf_rounds(), method="standalone", protocol="pfllib", seed=0)
+    low = [Round(t, [Row(c, True, 1, 1, 1, correct=6, total=10) for c in range(2)]) for t in (1, 2, 3)]
+    add_run(store, "base1", low, method="standalone", protocol="pfllib", seed=1)
+    t = cost_table(frame(store, weighting="unweighted", target=0.7), 0.7, "fedlora")
+    assert "no cost-to-target ratio" in t.notes[0] and "standalone in 1/2" in t.notes[0]
+    base = [row for row in t.rows if row[0].text == "standalone"][0]
+    assert "(1/2 seeds)" in base[6].text
+
+
+# --------------------------------------------------------------------------- val-selected round
+
+def test_val_statistic_picks_the_round_by_validation_not_test(tmp_path):
+    # 1 client, round-end; test 0.4, 0.6, 0.8; validation 0.5, 0.9, 0.9 (tie: the earlier round, 2)
+    test = {1: 4, 2: 6, 3: 8}
+    val = {1: 5, 2: 9, 3: 9}
+    rounds = [Round(t, [Row(0, True, correct=test[t], total=10,
+                            metrics={"val_correct": val[t], "val_total": 10})]) for t in (1, 2, 3)]
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "v", rounds)
+    r = frame(store, stat="val").iloc[0]
+    assert r["accuracy"] == pytest.approx(0.6) and r["selected_rounds"] == [2]
+    assert frame(store, stat="best").iloc[0]["accuracy"] == pytest.approx(0.8)
+
+
+def test_val_statistic_refused_for_a_run_without_validation_rows(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "pf", pf_rounds(), protocol="pfllib")
+    with pytest.raises(ConfigError, match="no validation rows"):
+        run_frame(store, stat="val")
+
+
+# --------------------------------------------------------------------------- fairness
+
+@pytest.mark.parametrize("n,worst", [(10, 1), (30, 3), (50, 5)])
+def test_worst_ten_percent_is_the_mean_of_the_lowest_ceil_tenth(tmp_path, n, worst):
+    correct = [(7 * k) % n for k in range(n)]  # a permutation of 0..n-1, over n test samples each
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "f", [Round(1, [Row(c, True, correct=correct[c], total=n) for c in range(n)])])
+    r = frame(store).iloc[0]
+    acc = np.arange(n) / n
+    assert r["fair_worst10"] == pytest.approx(acc[:worst].mean())
+    assert r["fair_min"] == 0.0 and r["fair_std"] == pytest.approx(acc.std())
+    assert worst_fraction_mean(acc) == pytest.approx(acc[:math.ceil(n / 10)].mean())
+    t = fairness_table(r.to_frame().T)
+    assert t.rows[0][3].text == f"{100 * acc[:worst].mean():.2f}" and t.rows[0][5].text == f"{n}/{n}"
+
+
+# --------------------------------------------------------------------------- undefined predictions
+
+def test_undefined_predictions_are_counted_not_dropped(tmp_path):
+    # FedProto-like: round 1 no client has prototypes (correct NULL, total set); round 2 one of two does
+    rounds = [Round(1, [Row(0, True, total=10), Row(1, True, total=10)]),
+              Round(2, [Row(0, True, correct=7, total=10), Row(1, True, total=10)])]
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "p", rounds, method="fedproto")
+    df = frame(store)
+    r = df.iloc[0]
+    assert r["accuracy"] == pytest.approx(0.7)  # mean of the last 10: round 1 has no defined accuracy
+    assert (r["defined_min"], r["defined_max"], r["population_max"]) == (0, 1, 2)
+    assert any("Defined predictions: fedproto" in n and "0–1/2" in n for n in accuracy_table(df).notes)
+    assert fairness_table(df).rows[0][5].text == "0–1/2"
+    last = frame(store, stat="last").iloc[0]
+    assert (last["defined_min"], last["population_max"]) == (1, 2)
+
+
+# --------------------------------------------------------------------------- protocols side by side
+
+def test_runs_of_different_protocols_are_never_averaged(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "yi", yi_rounds(), protocol="yi")
+    pf4 = [Round(t, [Row(c, True, correct=5, total=10) for c in range(4)]) for t in (1, 2, 3)]
+    add_run(store, "pf", pf4, protocol="pfllib")
+    add_run(store, "old", pf4)  # no eval_protocol key: round-end
+    df = frame(store)
+    assert set(df["eval_protocol"]) == {"yi", "pfllib", "round-end"}
+    t = accuracy_table(df)
+    assert sorted(t.header[1:]) == ["eval_protocol=pfllib", "eval_protocol=round-end", "eval_protocol=yi"]
+    assert all(c.text.endswith("(1)") for c in t.rows[1][1:])  # one run per cell: nothing averaged
+    summaries = {h: c.text for h, c in zip(t.header[1:], t.rows[0][1:], strict=True)}
+    assert summaries["eval_protocol=yi"] == "protocol yi, all, last10, unweighted"
+    assert summaries["eval_protocol=pfllib"] == "protocol pfllib, all, best, weighted"
+    assert "Summaries differ by column" in t.caption
+    # batch-mean asked of a store holding non-yi runs names the run's protocol; --protocol yi selects
+    with pytest.raises(ConfigError, match="protocol 'pfllib'"):
+        run_frame(store, weighting="batch-mean")
+    assert len(frame(store, weighting="batch-mean", protocol="yi")) == 1
+
+
+def test_batch_mean_refused_for_non_yi_runs():
+    for p in ("pfllib", "round-end"):
+        with pytest.raises(ConfigError, match=f"protocol '{p}'"):
+            resolve(p, weighting="batch-mean")
+    assert resolve("yi", weighting="batch-mean") == Summary("yi", "all", "last10", "batch-mean")
+
+
+# --------------------------------------------------------------------------- the CLI
+
+def _digest(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("--statistic", "median", "protocol, last, best, last10, val"),
+    ("--population", "sampled", "protocol, all, selected"),
+    ("--weighting", "pooled", "protocol, unweighted, weighted, batch-mean"),
+    ("--protocol", "fedml", "yi, pfllib, round-end"),
+])
+def test_report_rejects_unknown_summary_options(tmp_path, capsys, flag, value, allowed):
+    res = tmp_path / "s.sqlite"
+    store = Store(res)
+    add_run(store, "pf", pf_rounds(), protocol="pfllib")
+    store.close()
+    before = _digest(res)
+    out = tmp_path / "rep"
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--results", str(res), "--out", str(out), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert f"unknown {flag} '{value}'; choose from: {allowed}" in err[0]
+    assert _digest(res) == before and not out.exists()
+
+
+def test_report_refuses_batch_mean_for_pfllib_in_one_line(tmp_path, capsys):
+    res = tmp_path / "s.sqlite"
+    store = Store(res)
+    add_run(store, "pf", pf_rounds(), protocol="pfllib")
+    store.close()
+    out = tmp_path / "rep"
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--results", str(res), "--out", str(out), "--weighting", "batch-mean"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "protocol 'pfllib'" in err[0] and not out.exists()
+
+
+def test_report_writes_fairness_and_names_the_summary(tmp_path, capsys):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "yi", yi_rounds(), protocol="yi")
+    add_run(store, "pf", pf_rounds(), protocol="pfllib")
+    out = tmp_path / "rep"
+    info = build_report(store, out, target=0.7, focus=None, command="fedbench report (test)")
+    for name in ("accuracy", "fairness", "costs"):
+        assert all((out / f"{name}.{ext}").exists() for ext in ("md", "html", "tex", "csv"))
+    md = (out / "report.md").read_text()
+    assert "protocol yi; population: all clients" in md and "protocol pfllib" in md
+    assert "2–4/4 (0–2 never evaluated)" in (out / "fairness.md").read_text()
+    assert "summary" in (out / "accuracy.csv").read_text()
+    assert info["runs"] == 2
