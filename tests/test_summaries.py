@@ -63,8 +63,10 @@ def add_run(store: Store, run_id: str, rounds: list[Round], method: str = "stand
             seed: int = 0, **cfg_values) -> None:
     cfg = make_config({"method": method, "dataset": "synthetic", "clients": len(rounds[0].rows), "seed": seed,
                        **cfg_values}).to_dict()
-    if protocol is not None:  # absent: a run stored before the key existed (round-end)
+    if protocol is not None:
         cfg["eval_protocol"] = protocol
+    else:  # absent: a run stored before the key existed (round-end)
+        cfg.pop("eval_protocol", None)
     fake = SimpleNamespace(method=method, dataset="synthetic", canonical_json=lambda: json.dumps(cfg, sort_keys=True))
     n = len(rounds[0].rows)
     clients = [{"client": k, "arch": "cnn1", "n_train": 10, "n_val": 5, "n_test": 10, "class_counts": {}}
