@@ -16,6 +16,7 @@ from fedbench.report.tables import (
     error_table,
     fairness_table,
     global_accuracy_table,
+    language_table,
 )
 from fedbench.summary import BY_PROTOCOL
 
@@ -35,7 +36,7 @@ def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_
         raise ConfigError(f"no complete runs in {store.path}" + (f" for {what}" if what else ""))
     df = add_names(df)
     tables = [accuracy_table(df), global_accuracy_table(df), fairness_table(df), cost_table(df, target, focus),
-              error_table(df)]
+              error_table(df), language_table(df)]
     tables = [t for t in tables if t is not None]
     out.mkdir(parents=True, exist_ok=True)
     written = []

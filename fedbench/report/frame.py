@@ -125,8 +125,27 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         for m, v in metric_curves.items():
             row[f"{m}_mean"], row[f"{m}_last"] = float(v.mean()), float(v.iloc[-1])
         row["metric_curves"] = metric_curves
+        row.update(language_numbers(metric_wide, store.client_metrics(r["run_id"])))
         rows.append(row)
     return pd.DataFrame(rows), curves
+
+
+def language_numbers(metric_wide: pd.DataFrame, client_metrics: pd.DataFrame) -> dict:
+    """The language tier's perplexities (exp of the mean next-token loss on held-out lines): the global model
+    on the union of the clients' test splits before training (``--eval-initial``) and at the last evaluated
+    round, and the unweighted mean over clients of each client's own (personalised) perplexity, before and
+    at the last evaluated round. Empty for runs without token metrics."""
+    out: dict = {}
+    for name, col in (("global_initial_test_ppl", "ppl_global_before"), ("global_test_ppl", "ppl_global_after")):
+        if name in metric_wide and metric_wide[name].notna().any():
+            out[col] = float(metric_wide[name].dropna().iloc[-1])
+    if not client_metrics.empty:
+        for name, col in (("initial_test_ppl", "ppl_clients_before"), ("test_ppl", "ppl_clients_after")):
+            sub = client_metrics[client_metrics["name"] == name]
+            if len(sub):
+                last = sub[sub["round"] == sub["round"].max()]
+                out[col] = float(last["value"].mean())
+    return out
 
 
 def variant_columns(df: pd.DataFrame) -> list[str]:

@@ -315,3 +315,25 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
             t.notes.append(f"{mine['variant']} vs the best-accuracy baseline {base['variant']} "
                            f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
     return t
+
+
+LANGUAGE_COLUMNS = (("ppl_global_before", "global ppl before"), ("ppl_global_after", "global ppl after"),
+                    ("ppl_clients_before", "clients' ppl before"), ("ppl_clients_after", "clients' ppl after"))
+
+
+def language_table(df: pd.DataFrame) -> Table | None:
+    """Perplexity before and after federated training (the language tier), mean over seeds."""
+    cols = [(c, h) for c, h in LANGUAGE_COLUMNS if c in df and df[c].notna().any()]
+    if not cols:
+        return None
+    t = Table("language",
+              "Next-token perplexity on held-out lines (exp of the mean token loss over non-padding targets): the "
+              "global model on the union of the clients' test splits, and the unweighted mean over clients of each "
+              "client's own model on its own test split; before = before round 1's training (--eval-initial), "
+              "after = the last evaluated round; mean over seeds; – : not measured (no --eval-initial, or no global "
+              "model).", ["method", "setting"] + [h for _, h in cols])
+    g = df.groupby(["setting", "variant"], sort=False)[[c for c, _ in cols]].mean().reset_index()
+    for _, r in g.iterrows():
+        t.rows.append([Cell(r["variant"]), Cell(r["setting"])]
+                      + [Cell("–" if not np.isfinite(r[c]) else f"{r[c]:.2f}") for c, _ in cols])
+    return t
