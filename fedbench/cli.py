@@ -44,6 +44,9 @@ RUN_ONLY = {  # options of `run` that are not part of a run's identity
     "json_out": (bool, typer.Option(False, "--json", help="print the summary as JSON")),
     "force": (bool, typer.Option(False, "--force", help="run again even if this exact config is complete in the store")),
     "quiet": (bool, typer.Option(False, "--quiet", "-q", help="no progress bar")),
+    "partition_file": (Optional[Path], typer.Option(None, "--partition-file", help="run on the exact split in this "
+                       "file (`fedbench data partition --export`); --dataset and --clients follow it, and its "
+                       "partition digest joins the run's identity")),
     "client_batching": (str, typer.Option("auto", "--client-batching", help="train a round's participants in "
                         "one batched pass (methods that offer it; same results, faster): auto, on or off "
                         "(default: $FEDBENCH_CLIENT_BATCHING, else auto = on)")),
@@ -170,6 +173,35 @@ def _device_type(device: str) -> str:
     return resolve_device(device).type
 
 
+def with_partition_file(values: dict, path, where: str = "") -> tuple[dict, object | None]:
+    """``values`` (run options) with the imported partition of ``path`` (registered for this process):
+    its digest in ``partition_digest``; dataset and clients follow the file where unset, and must agree
+    with it where set. Without a path, a ``partition_digest`` alone is refused (the file holds the split)."""
+    from fedbench.data.partition_file import read_partition_file, register
+
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    given = values.get("partition_digest")
+    if path is None:
+        if given:
+            raise ConfigError(f"{where}--partition-digest {given} names an imported partition: give its file with "
+                              f"--partition-file FILE")
+        return values, None
+    pf = read_partition_file(path)
+    for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+        mine = values.get(key)
+        if mine is None:
+            values[key] = theirs
+        elif str(mine).strip() != str(theirs):
+            raise ConfigError(f"{where}--{key} {mine} disagrees with partition file {path}: it holds a {pf.dataset} "
+                              f"partition of {pf.num_clients} clients (leave --{key} out to follow the file)")
+    if given and given != pf.partition_digest:
+        raise ConfigError(f"{where}--partition-digest {given} disagrees with partition file {path} "
+                          f"(its digest is {pf.partition_digest})")
+    values["partition_digest"] = pf.partition_digest
+    register(pf)
+    return values, pf
+
+
 def run(**kw):
     """Train one federated run, store it round by round, print accuracy, bytes and FLOPs."""
     from fedbench.runner import claim_or_wait, execute, prepare, stored_summary
@@ -181,6 +213,7 @@ def run(**kw):
     from fedbench.engine.simulation import CLIENT_BATCHING
     if run_only["client_batching"] not in CLIENT_BATCHING:
         raise choice_error("--client-batching", run_only["client_batching"], CLIENT_BATCHING)
+    kw, _ = with_partition_file(kw, run_only["partition_file"])
     cfg = make_config(kw, _device_type(run_only["device"]))
     results = run_only["results"]
     check_results_path(results)
@@ -572,31 +605,41 @@ PARTITION_OPTS = ("dataset", "partition", "clients", "classes_per_client", "alph
                   "val_fraction", "seed")
 
 
-def partition_cmd(**kw):
-    """Print per-client class counts of a partition (and optionally save a heatmap PNG)."""
-    import numpy as np
+def _partition_options(cfg) -> dict:
+    """The options that made a native partition (those of its partitioner only)."""
+    keys = ["partition", "clients", "seed", "val_fraction"]
+    keys += {"pathological": ["classes_per_client", "share_low"], "dirichlet": ["alpha", "min_size"]}.get(cfg.partition, [])
+    return {k: getattr(cfg, k) for k in keys}
 
-    from fedbench.data.partition import make_partition  # noqa: F401
-    from fedbench.data.sources import load_dataset
-    from fedbench.engine.data import build_federated_data
+
+def partition_cmd(**kw):
+    """Print per-client class counts of a partition (optionally save a heatmap PNG, or export the exact
+    per-client indices to a partition file for --partition-file or another library)."""
+    from fedbench.data.partition_file import write_partition_file
+    from fedbench.data.sources import TEXT_DATASETS, load_dataset
+    from fedbench.engine.data import split_rows
 
     data_dir, split, heatmap = kw.pop("data_dir"), kw.pop("split"), kw.pop("heatmap")
+    export, pfile = kw.pop("export"), kw.pop("partition_file")
     if split not in ("train", "val", "test"):
         raise choice_error("--split", split, ("train", "val", "test"))
-    if heatmap is not None and not Path(heatmap).parent.is_dir():
-        raise ConfigError(f"--heatmap {heatmap}: directory {Path(heatmap).parent} does not exist")
+    for opt, path in (("--heatmap", heatmap), ("--export", export)):
+        if path is not None and not Path(path).parent.is_dir():
+            raise ConfigError(f"{opt} {path}: directory {Path(path).parent} does not exist")
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{opt} {path} is a directory")
+    kw, pf = with_partition_file(kw, pfile)
     cfg = make_config(kw)
-    from fedbench.data.sources import TEXT_DATASETS
     if cfg.dataset in TEXT_DATASETS:
         raise ConfigError(f"--dataset {cfg.dataset} is partitioned by its own (play, role) clients, tokenised by a "
                           f"backbone: see `fedbench run --dataset {cfg.dataset} --method fedit --backbone char-lm`")
     arrays = load_dataset(cfg.dataset, data_dir)
-    import torch
-    fd = build_federated_data(arrays, cfg, torch.device("cpu"))
-    counts = fd.partition.class_counts(fd.split_labels[split], split)
+    rows, part = split_rows(arrays, cfg)
+    labels = (arrays.y_test if split == "test" else arrays.y_train)[rows[split]]
+    counts = part.class_counts(labels, split)
     K = counts.shape[1]
-    t = Table(title=f"{cfg.dataset} {cfg.partition} partition, {split} split, seed {cfg.seed}, "
-                    f"digest {fd.partition.digest()}", title_justify="left")
+    what = f"partition of file {pfile}" if pf else f"{cfg.partition} partition, seed {cfg.seed}"
+    t = Table(title=f"{cfg.dataset} {what}, {split} split, digest {part.digest()}", title_justify="left")
     t.add_column("client")
     if K <= 20:
         for c in range(K):
@@ -620,11 +663,17 @@ def partition_cmd(**kw):
                     cbar_kws={"label": "samples"})
         ax.set_xlabel("class")
         ax.set_ylabel("client")
-        ax.set_title(f"{cfg.dataset} {cfg.partition} ({split}), seed {cfg.seed}")
+        ax.set_title(f"{cfg.dataset} {what} ({split})")
         fig.tight_layout()
         fig.savefig(heatmap, dpi=120)
         out.print(f"heatmap written to {heatmap}")
-    return np
+    if export is not None:
+        write_partition_file(export, dataset=cfg.dataset, dataset_digest=arrays.digest, partition_digest=part.digest(),
+                             options=pf.options if pf else _partition_options(cfg),
+                             array_sizes={"x_train": len(arrays.y_train), "x_test": len(arrays.y_test)},
+                             rows=rows, partition=part)
+        out.print(f"partition {part.digest()} ({part.num_clients} clients) written to {export}: rows of x_train "
+                  f"(train, val) and x_test (test) of {cfg.dataset}", markup=False)
 
 
 def _partition_signature() -> inspect.Signature:
@@ -635,6 +684,13 @@ def _partition_signature() -> inspect.Signature:
                                     default=typer.Option("train", "--split", help="train, val or test")))
     params.append(inspect.Parameter("heatmap", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                     default=typer.Option(None, "--heatmap", help="write a class-count heatmap PNG here")))
+    params.append(inspect.Parameter("export", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, "--export", help="write the partition's exact per-client "
+                                                         "indices (rows of x_train / x_test) to this JSON file (.gz: "
+                                                         "gzip-compressed), for --partition-file or another library")))
+    params.append(inspect.Parameter("partition_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, "--partition-file", help="show (and check against the "
+                                                         "data) the partition in this file instead")))
     return inspect.Signature(params)
 
 
