@@ -366,6 +366,87 @@ def _grid_from_cli(base: list[str], axes: list[str]) -> dict:
     return doc
 
 
+def _sweep_partition_files(doc: dict, where: str) -> tuple[dict, dict]:
+    """A sweep document whose ``partition_file`` keys (in [base], [axes], [[include]], [[exclude]]) are
+    replaced by the files' ``partition_digest``, and the files read, by digest (registered for this
+    process). A file in [base] also gives [base] its dataset and clients where no section sets them."""
+    from fedbench.data.partition_file import read_partition_file, register
+
+    files: dict = {}
+
+    def load(path):
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}: partition_file must be a path (a string), got {path!r}")
+        pf = read_partition_file(path)
+        register(pf)
+        files[pf.partition_digest] = pf
+        return pf.partition_digest
+
+    def is_file_key(k) -> bool:
+        return isinstance(k, str) and k.strip().replace("-", "_") == "partition_file"
+
+    doc = dict(doc)
+    for section in ("base",):
+        table = doc.get(section)
+        if isinstance(table, dict) and any(is_file_key(k) for k in table):
+            table = {("partition_digest" if is_file_key(k) else k): (load(v) if is_file_key(k) else v)
+                     for k, v in table.items()}
+            doc[section] = table
+    axes = doc.get("axes")
+    if isinstance(axes, dict):
+        new = {}
+        for k, values in axes.items():
+            keys = [x.strip() for x in k.split(",")]
+            at = [i for i, x in enumerate(keys) if is_file_key(x)]
+            if at and isinstance(values, list):
+                i = at[0]
+                if len(keys) == 1:
+                    values = [load(v) for v in values]
+                else:
+                    values = [[load(x) if j == i else x for j, x in enumerate(v)] if isinstance(v, list) else v
+                              for v in values]
+                keys[i] = "partition_digest"
+            new[",".join(keys)] = values
+        doc["axes"] = new
+    for section in ("include", "exclude"):
+        items = doc.get(section)
+        if isinstance(items, list):
+            doc[section] = [{("partition_digest" if is_file_key(k) else k):
+                             (([load(x) for x in v] if isinstance(v, list) else load(v)) if is_file_key(k) else v)
+                             for k, v in r.items()} if isinstance(r, dict) else r for r in items]
+    base = doc.get("base")
+    if isinstance(base, dict) and base.get("partition_digest") in files:
+        pf = files[base["partition_digest"]]
+        named = {kk.strip().replace("-", "_") for sec in ("base", "axes") for k in (doc.get(sec) or {})
+                 for kk in k.split(",")}
+        named |= {k.replace("-", "_") for r in doc.get("include") or [] if isinstance(r, dict) for k in r}
+        for key, v in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+            if key not in named:
+                base[key] = v
+    return doc, files
+
+
+def _check_sweep_partitions(sw, files: dict, where: str, data_dir) -> None:
+    """Every run naming an imported partition has its file, with the file's dataset and clients; every
+    file matches the data on disk. Before anything runs."""
+    from fedbench.data.sources import load_dataset
+
+    for cfg in sw.configs:
+        if not cfg.partition_digest:
+            continue
+        pf = files.get(cfg.partition_digest)
+        if pf is None:
+            raise ConfigError(f"{where}: partition_digest {cfg.partition_digest} names an imported partition: give "
+                              f"its file as partition_file = \"FILE\"")
+        for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+            if getattr(cfg, key) != theirs:
+                raise ConfigError(f"{where}: a run on partition file {pf.source} has {key} = {getattr(cfg, key)}, the "
+                                  f"file holds a {pf.dataset} partition of {pf.num_clients} clients")
+    for pf in files.values():
+        arrays = load_dataset(pf.dataset, data_dir)
+        pf.rows_and_partition(arrays, arrays.info.num_classes)
+
+
 @app.command("sweep")
 def sweep_cmd(
     file: Optional[Path] = typer.Argument(None, help="sweep TOML file (see fedbench/sweep.py for the format)"),
@@ -424,9 +505,15 @@ def sweep_cmd(
         extra = _grid_from_cli(base, axis)
         doc.setdefault("base", {}).update(extra["base"])
         doc.setdefault("axes", {}).update(extra["axes"])
-        sw = parse_sweep(doc, str(file), device_type or _device_type(device))
+        where = str(file)
     else:
-        sw = parse_sweep(_grid_from_cli(base, axis), "command line", device_type or _device_type(device))
+        doc, where = _grid_from_cli(base, axis), "command line"
+    doc, files = _sweep_partition_files(doc, where)
+    sw = parse_sweep(doc, where, device_type or _device_type(device))
+    _check_sweep_partitions(sw, files, where, data_dir)
+    if files and executor == "ray":
+        raise ConfigError(f"{where}: partition_file runs with --executor local; --executor ray does not carry "
+                          f"partition files to its workers yet")
     if name:
         sw.name = name
     check_results_path(results)
@@ -454,7 +541,8 @@ def sweep_cmd(
         runner = RayExecutor(address, cpus_per_run or 1.0, gpus_per_run or 0.0, jobs, threads, device, data_dir)
     else:
         from fedbench.executors import LocalExecutor
-        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir)
+        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir,
+                               partition_files=tuple(pf.source for pf in files.values()))
     try:
         store = Store(results)
         try:
