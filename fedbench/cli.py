@@ -44,6 +44,9 @@ RUN_ONLY = {  # options of `run` that are not part of a run's identity
     "json_out": (bool, typer.Option(False, "--json", help="print the summary as JSON")),
     "force": (bool, typer.Option(False, "--force", help="run again even if this exact config is complete in the store")),
     "quiet": (bool, typer.Option(False, "--quiet", "-q", help="no progress bar")),
+    "partition_file": (Optional[Path], typer.Option(None, "--partition-file", help="run on the exact split in this "
+                       "file (`fedbench data partition --export`); --dataset and --clients follow it, and its "
+                       "partition digest joins the run's identity")),
     "client_batching": (str, typer.Option("auto", "--client-batching", help="train a round's participants in "
                         "one batched pass (methods that offer it; same results, faster): auto, on or off "
                         "(default: $FEDBENCH_CLIENT_BATCHING, else auto = on)")),
@@ -184,6 +187,35 @@ def _device_type(device: str) -> str:
     return resolve_device(device).type
 
 
+def with_partition_file(values: dict, path, where: str = "") -> tuple[dict, object | None]:
+    """``values`` (run options) with the imported partition of ``path`` (registered for this process):
+    its digest in ``partition_digest``; dataset and clients follow the file where unset, and must agree
+    with it where set. Without a path, a ``partition_digest`` alone is refused (the file holds the split)."""
+    from fedbench.data.partition_file import read_partition_file, register
+
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    given = values.get("partition_digest")
+    if path is None:
+        if given:
+            raise ConfigError(f"{where}--partition-digest {given} names an imported partition: give its file with "
+                              f"--partition-file FILE")
+        return values, None
+    pf = read_partition_file(path)
+    for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+        mine = values.get(key)
+        if mine is None:
+            values[key] = theirs
+        elif str(mine).strip() != str(theirs):
+            raise ConfigError(f"{where}--{key} {mine} disagrees with partition file {path}: it holds a {pf.dataset} "
+                              f"partition of {pf.num_clients} clients (leave --{key} out to follow the file)")
+    if given and given != pf.partition_digest:
+        raise ConfigError(f"{where}--partition-digest {given} disagrees with partition file {path} "
+                          f"(its digest is {pf.partition_digest})")
+    values["partition_digest"] = pf.partition_digest
+    register(pf)
+    return values, pf
+
+
 def run(**kw):
     """Train one federated run, store it round by round, print accuracy, bytes and FLOPs."""
     from fedbench.runner import claim_or_wait, execute, prepare, stored_summary
@@ -195,6 +227,7 @@ def run(**kw):
     from fedbench.engine.simulation import CLIENT_BATCHING
     if run_only["client_batching"] not in CLIENT_BATCHING:
         raise choice_error("--client-batching", run_only["client_batching"], CLIENT_BATCHING)
+    kw, _ = with_partition_file(kw, run_only["partition_file"])
     cfg = make_config(kw, _device_type(run_only["device"]))
     results = run_only["results"]
     check_results_path(results)
@@ -347,6 +380,87 @@ def _grid_from_cli(base: list[str], axes: list[str]) -> dict:
     return doc
 
 
+def _sweep_partition_files(doc: dict, where: str) -> tuple[dict, dict]:
+    """A sweep document whose ``partition_file`` keys (in [base], [axes], [[include]], [[exclude]]) are
+    replaced by the files' ``partition_digest``, and the files read, by digest (registered for this
+    process). A file in [base] also gives [base] its dataset and clients where no section sets them."""
+    from fedbench.data.partition_file import read_partition_file, register
+
+    files: dict = {}
+
+    def load(path):
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}: partition_file must be a path (a string), got {path!r}")
+        pf = read_partition_file(path)
+        register(pf)
+        files[pf.partition_digest] = pf
+        return pf.partition_digest
+
+    def is_file_key(k) -> bool:
+        return isinstance(k, str) and k.strip().replace("-", "_") == "partition_file"
+
+    doc = dict(doc)
+    for section in ("base",):
+        table = doc.get(section)
+        if isinstance(table, dict) and any(is_file_key(k) for k in table):
+            table = {("partition_digest" if is_file_key(k) else k): (load(v) if is_file_key(k) else v)
+                     for k, v in table.items()}
+            doc[section] = table
+    axes = doc.get("axes")
+    if isinstance(axes, dict):
+        new = {}
+        for k, values in axes.items():
+            keys = [x.strip() for x in k.split(",")]
+            at = [i for i, x in enumerate(keys) if is_file_key(x)]
+            if at and isinstance(values, list):
+                i = at[0]
+                if len(keys) == 1:
+                    values = [load(v) for v in values]
+                else:
+                    values = [[load(x) if j == i else x for j, x in enumerate(v)] if isinstance(v, list) else v
+                              for v in values]
+                keys[i] = "partition_digest"
+            new[",".join(keys)] = values
+        doc["axes"] = new
+    for section in ("include", "exclude"):
+        items = doc.get(section)
+        if isinstance(items, list):
+            doc[section] = [{("partition_digest" if is_file_key(k) else k):
+                             (([load(x) for x in v] if isinstance(v, list) else load(v)) if is_file_key(k) else v)
+                             for k, v in r.items()} if isinstance(r, dict) else r for r in items]
+    base = doc.get("base")
+    if isinstance(base, dict) and base.get("partition_digest") in files:
+        pf = files[base["partition_digest"]]
+        named = {kk.strip().replace("-", "_") for sec in ("base", "axes") for k in (doc.get(sec) or {})
+                 for kk in k.split(",")}
+        named |= {k.replace("-", "_") for r in doc.get("include") or [] if isinstance(r, dict) for k in r}
+        for key, v in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+            if key not in named:
+                base[key] = v
+    return doc, files
+
+
+def _check_sweep_partitions(sw, files: dict, where: str, data_dir) -> None:
+    """Every run naming an imported partition has its file, with the file's dataset and clients; every
+    file matches the data on disk. Before anything runs."""
+    from fedbench.data.sources import load_dataset
+
+    for cfg in sw.configs:
+        if not cfg.partition_digest:
+            continue
+        pf = files.get(cfg.partition_digest)
+        if pf is None:
+            raise ConfigError(f"{where}: partition_digest {cfg.partition_digest} names an imported partition: give "
+                              f"its file as partition_file = \"FILE\"")
+        for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+            if getattr(cfg, key) != theirs:
+                raise ConfigError(f"{where}: a run on partition file {pf.source} has {key} = {getattr(cfg, key)}, the "
+                                  f"file holds a {pf.dataset} partition of {pf.num_clients} clients")
+    for pf in files.values():
+        arrays = load_dataset(pf.dataset, data_dir)
+        pf.rows_and_partition(arrays, arrays.info.num_classes)
+
+
 @app.command("sweep")
 def sweep_cmd(
     file: Optional[Path] = typer.Argument(None, help="sweep TOML file (see fedbench/sweep.py for the format)"),
@@ -405,9 +519,15 @@ def sweep_cmd(
         extra = _grid_from_cli(base, axis)
         doc.setdefault("base", {}).update(extra["base"])
         doc.setdefault("axes", {}).update(extra["axes"])
-        sw = parse_sweep(doc, str(file), device_type or _device_type(device))
+        where = str(file)
     else:
-        sw = parse_sweep(_grid_from_cli(base, axis), "command line", device_type or _device_type(device))
+        doc, where = _grid_from_cli(base, axis), "command line"
+    doc, files = _sweep_partition_files(doc, where)
+    sw = parse_sweep(doc, where, device_type or _device_type(device))
+    _check_sweep_partitions(sw, files, where, data_dir)
+    if files and executor == "ray":
+        raise ConfigError(f"{where}: partition_file runs with --executor local; --executor ray does not carry "
+                          f"partition files to its workers yet")
     if name:
         sw.name = name
     check_results_path(results)
@@ -435,7 +555,8 @@ def sweep_cmd(
         runner = RayExecutor(address, cpus_per_run or 1.0, gpus_per_run or 0.0, jobs, threads, device, data_dir)
     else:
         from fedbench.executors import LocalExecutor
-        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir)
+        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir,
+                               partition_files=tuple(pf.source for pf in files.values()))
     try:
         store = Store(results)
         try:
@@ -592,31 +713,41 @@ PARTITION_OPTS = ("dataset", "partition", "clients", "classes_per_client", "alph
                   "val_fraction", "seed")
 
 
-def partition_cmd(**kw):
-    """Print per-client class counts of a partition (and optionally save a heatmap PNG)."""
-    import numpy as np
+def _partition_options(cfg) -> dict:
+    """The options that made a native partition (those of its partitioner only)."""
+    keys = ["partition", "clients", "seed", "val_fraction"]
+    keys += {"pathological": ["classes_per_client", "share_low"], "dirichlet": ["alpha", "min_size"]}.get(cfg.partition, [])
+    return {k: getattr(cfg, k) for k in keys}
 
-    from fedbench.data.partition import make_partition  # noqa: F401
-    from fedbench.data.sources import load_dataset
-    from fedbench.engine.data import build_federated_data
+
+def partition_cmd(**kw):
+    """Print per-client class counts of a partition (optionally save a heatmap PNG, or export the exact
+    per-client indices to a partition file for --partition-file or another library)."""
+    from fedbench.data.partition_file import write_partition_file
+    from fedbench.data.sources import TEXT_DATASETS, load_dataset
+    from fedbench.engine.data import split_rows
 
     data_dir, split, heatmap = kw.pop("data_dir"), kw.pop("split"), kw.pop("heatmap")
+    export, pfile = kw.pop("export"), kw.pop("partition_file")
     if split not in ("train", "val", "test"):
         raise choice_error("--split", split, ("train", "val", "test"))
-    if heatmap is not None and not Path(heatmap).parent.is_dir():
-        raise ConfigError(f"--heatmap {heatmap}: directory {Path(heatmap).parent} does not exist")
+    for opt, path in (("--heatmap", heatmap), ("--export", export)):
+        if path is not None and not Path(path).parent.is_dir():
+            raise ConfigError(f"{opt} {path}: directory {Path(path).parent} does not exist")
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"{opt} {path} is a directory")
+    kw, pf = with_partition_file(kw, pfile)
     cfg = make_config(kw)
-    from fedbench.data.sources import TEXT_DATASETS
     if cfg.dataset in TEXT_DATASETS:
         raise ConfigError(f"--dataset {cfg.dataset} is partitioned by its own (play, role) clients, tokenised by a "
                           f"backbone: see `fedbench run --dataset {cfg.dataset} --method fedit --backbone char-lm`")
     arrays = load_dataset(cfg.dataset, data_dir)
-    import torch
-    fd = build_federated_data(arrays, cfg, torch.device("cpu"))
-    counts = fd.partition.class_counts(fd.split_labels[split], split)
+    rows, part = split_rows(arrays, cfg)
+    labels = (arrays.y_test if split == "test" else arrays.y_train)[rows[split]]
+    counts = part.class_counts(labels, split)
     K = counts.shape[1]
-    t = Table(title=f"{cfg.dataset} {cfg.partition} partition, {split} split, seed {cfg.seed}, "
-                    f"digest {fd.partition.digest()}", title_justify="left")
+    what = f"partition of file {pfile}" if pf else f"{cfg.partition} partition, seed {cfg.seed}"
+    t = Table(title=f"{cfg.dataset} {what}, {split} split, digest {part.digest()}", title_justify="left")
     t.add_column("client")
     if K <= 20:
         for c in range(K):
@@ -640,11 +771,17 @@ def partition_cmd(**kw):
                     cbar_kws={"label": "samples"})
         ax.set_xlabel("class")
         ax.set_ylabel("client")
-        ax.set_title(f"{cfg.dataset} {cfg.partition} ({split}), seed {cfg.seed}")
+        ax.set_title(f"{cfg.dataset} {what} ({split})")
         fig.tight_layout()
         fig.savefig(heatmap, dpi=120)
         out.print(f"heatmap written to {heatmap}")
-    return np
+    if export is not None:
+        write_partition_file(export, dataset=cfg.dataset, dataset_digest=arrays.digest, partition_digest=part.digest(),
+                             options=pf.options if pf else _partition_options(cfg),
+                             array_sizes={"x_train": len(arrays.y_train), "x_test": len(arrays.y_test)},
+                             rows=rows, partition=part)
+        out.print(f"partition {part.digest()} ({part.num_clients} clients) written to {export}: rows of x_train "
+                  f"(train, val) and x_test (test) of {cfg.dataset}", markup=False)
 
 
 def _partition_signature() -> inspect.Signature:
@@ -655,6 +792,13 @@ def _partition_signature() -> inspect.Signature:
                                     default=typer.Option("train", "--split", help="train, val or test")))
     params.append(inspect.Parameter("heatmap", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                     default=typer.Option(None, "--heatmap", help="write a class-count heatmap PNG here")))
+    params.append(inspect.Parameter("export", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, "--export", help="write the partition's exact per-client "
+                                                         "indices (rows of x_train / x_test) to this JSON file (.gz: "
+                                                         "gzip-compressed), for --partition-file or another library")))
+    params.append(inspect.Parameter("partition_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, "--partition-file", help="show (and check against the "
+                                                         "data) the partition in this file instead")))
     return inspect.Signature(params)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,8 @@ class RunConfig:
                                        "(initial_* metrics of round 1: the starting point)")
     min_role_lines: int = hparam(40, "language tier: roles with fewer lines are no client", low=2)
     seed: int = hparam(42, "master seed: partition, initialisation, sampling, data order, augmentation")
+    partition_digest: str = hparam("", "the imported partition a run uses, by its digest (set from --partition-file; "
+                                       "the partition and validation options above then do not apply)")
     method_params: dict = field(default_factory=dict)
 
     # -- identity --------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class RunConfig:
 
 CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_params"}
 LATE_FIELDS = ("fused_sgd", "optimizer", "lr_schedule", "lr_min", "local_steps", "seq_len", "test_fraction",
-               "min_role_lines", "eval_initial", "eval_val")
+               "min_role_lines", "eval_initial", "eval_val", "partition_digest")
 
 # Defaults that depend on the device a run is made on, applied when the user leaves the option unset
 # and stored concretely in the config (so a run's identity never depends on where it is looked up).
@@ -196,6 +199,12 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     if cfg.eval_val and (cfg.val_fraction == 0 or cfg.dataset in TEXT_DATASETS):
         raise ConfigError(f"--eval-val with --dataset {cfg.dataset} --val-fraction {cfg.val_fraction}: there is no "
                           f"validation split to evaluate (image datasets with --val-fraction > 0 have one)")
+    if cfg.partition_digest and not re.fullmatch(r"[0-9a-f]{16}", cfg.partition_digest):
+        raise ConfigError(f"--partition-digest {cfg.partition_digest!r} is no partition digest (16 lowercase hex digits; "
+                          f"--partition-file FILE sets it)")
+    if cfg.partition_digest and cfg.dataset in TEXT_DATASETS:
+        raise ConfigError(f"--dataset {cfg.dataset} is partitioned by its own clients; a partition file is for the "
+                          f"image datasets")
     if int(cfg.fraction * cfg.clients) < 1:
         raise ConfigError(f"--fraction {cfg.fraction} with --clients {cfg.clients} samples no client per round; "
                           f"need fraction x clients >= 1")

@@ -8,7 +8,7 @@ A worker (a fresh process per run) simulates one run and sends its record as mes
 
 An executor hands runs to workers and the messages back to the driver (``poll``), adding
 ``("crash", reason)`` when a worker died without a last word (killed, node lost): the driver retries
-those a bounded number of times. Per-run settings (device, threads, prefetch, data dir) travel as
+those a bounded number of times. Per-run settings (device, threads, prefetch, data dir, partition files) travel as
 arguments (``RunSettings``), never as environment variables of the worker.
 
 ``LocalExecutor`` runs ``python -m fedbench.worker`` processes on this machine, messages over a pipe;
@@ -39,6 +39,7 @@ class RunSettings:
     threads: int = 0          # torch intra-op threads (0: torch's default)
     prefetch: str = "auto"    # batch prefetch thread: auto (the engine's rule), on, off
     data_dir: str | None = None
+    partition_files: tuple[str, ...] = ()  # imported partitions the runs may name (by their digest)
 
     def prefetch_flag(self) -> bool | None:
         return {"auto": None, "on": True, "off": False}[self.prefetch]
@@ -60,6 +61,10 @@ def perform(cfg_json: str, settings: RunSettings, emit, arrays=None) -> bool:
         from fedbench.worker import config_from_json
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
+        if settings.partition_files:
+            from fedbench.data.partition_file import read_partition_file, register
+            for path in settings.partition_files:
+                register(read_partition_file(path))
         p = prepare(config_from_json(cfg_json), settings.data_dir, settings.device, arrays=arrays)
         simulate(p, lambda rec: emit(("start", rec)), lambda r: emit(("round", r)),
                  prefetch=settings.prefetch_flag())
@@ -127,7 +132,7 @@ class LocalExecutor(Executor):
     name = "local"
 
     def __init__(self, jobs: int, log_dir: Path, threads: int = 0, device: str = "auto",
-                 data_dir: str | os.PathLike | None = None) -> None:
+                 data_dir: str | os.PathLike | None = None, partition_files: tuple[str, ...] = ()) -> None:
         super().__init__()
         from fedbench.engine.simulation import available_cores
         self.jobs = jobs
@@ -137,7 +142,8 @@ class LocalExecutor(Executor):
         # each worker's batch-prefetch thread needs a core of its own; none is left when the jobs' threads
         # fill the machine
         prefetch = "off" if jobs * threads >= available_cores() else "auto"
-        self.settings = RunSettings(device, threads, prefetch, str(data_dir) if data_dir else None)
+        self.settings = RunSettings(device, threads, prefetch, str(data_dir) if data_dir else None,
+                                    tuple(partition_files))
         self._procs: dict[str, subprocess.Popen] = {}
 
     def capacity(self) -> int:
@@ -153,6 +159,8 @@ class LocalExecutor(Executor):
                "--threads", str(s.threads), "--prefetch", s.prefetch, "--fd", str(w)]
         if s.data_dir:
             cmd += ["--data-dir", s.data_dir]
+        for path in s.partition_files:
+            cmd += ["--partition-file", path]
         log_path = self.log_dir / f"{job.run_id}.log"
         with open(log_path, "w" if job.attempt == 1 else "a") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

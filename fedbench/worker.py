@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--prefetch", default="auto", choices=PREFETCH_CHOICES)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--partition-file", action="append", default=[], help="an imported partition (repeatable)")
     a = ap.parse_args(argv)
     out = os.fdopen(a.fd, "wb")
 
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
         pickle.dump(msg, out, protocol=pickle.HIGHEST_PROTOCOL)
         out.flush()
 
-    ok = perform(a.config, RunSettings(a.device, a.threads, a.prefetch, a.data_dir), emit)
+    ok = perform(a.config, RunSettings(a.device, a.threads, a.prefetch, a.data_dir, tuple(a.partition_file)), emit)
     out.close()
     return 0 if ok else 1
 
