@@ -4,16 +4,19 @@
     python benchmarks/batched_round.py                       # CPU: 10 and 50 participants, batch 16
     python benchmarks/batched_round.py --device cuda          # the same script on a GPU
     python benchmarks/batched_round.py --participants 10 --rounds 3 --out r.json
+    python benchmarks/batched_round.py --tiers language --lm-backbone smollm2   # SmolLM2 (the [llm] extra)
 
-Workload: the vision tier (FedIT on the seeded random ViT, attn targets unless --targets, synthetic
-32x32 data), every client participates (fraction 1), ``--local-steps`` batches of ``--batch-size`` per
-client, AdamW; no evaluation in the timed rounds. For each participant count the same run is simulated
+Workloads (``--tiers vision,language``; every client participates (fraction 1), ``--local-steps`` batches
+of ``--batch-size`` per client, AdamW, FedIT; no evaluation in the timed rounds):
+* vision: the seeded random ViT, attn targets unless ``--targets``, synthetic 32x32 data;
+* language: Shakespeare (play, role) clients (the archive in the data dir: ``fedbench data fetch
+  shakespeare``), windows of ``--seq-len`` tokens, ``--lm-backbone`` char-lm (the in-process stand-in,
+  pretrained once and cached) or smollm2 (``fedbench data fetch smollm2``), LoRA on q_proj,v_proj. For each participant count the same run is simulated
 twice through the public engine (``Simulation(client_batching="off" | "on")``), the two runs' rounds
 interleaved (so that load from other processes hits both alike); s/round is the median of the rounds
 after the first (round 1 traces the meter and warms the allocator). Achieved FLOP/s = 2 x
 the engine's metered training MACs of the round / its training wall time, against the device's matmul
-peak measured here (square fp32 matmuls, best of several). The language tier is not in this tree yet;
-its rows are left out (the batched trainer is generic: fedbench/lora/batched.py).
+peak measured here (square fp32 matmuls, best of several).
 """
 
 from __future__ import annotations
@@ -59,19 +62,25 @@ def matmul_peak(device: torch.device, n: int, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def simulation(device: torch.device, participants: int, batching: str, a) -> Simulation:
-    cfg = make_config(dict(dataset="synthetic", method="fedit", backbone_init="random", backbone=a.backbone,
-                           targets=a.targets, rank=a.rank, clients=participants, fraction=1.0,
-                           local_steps=a.local_steps, batch_size=a.batch_size, optimizer="adamw", lr=1e-3,
-                           rounds=a.rounds + 1, eval_every=10 ** 6, seed=0))
-    p = prepare(cfg, None, str(device))
+def tier_config(tier: str, participants: int, a) -> dict:
+    common = dict(method="fedit", rank=a.rank, clients=participants, fraction=1.0, local_steps=a.local_steps,
+                  batch_size=a.batch_size, optimizer="adamw", lr=1e-3, rounds=a.rounds + 1, eval_every=10 ** 6,
+                  seed=0)
+    if tier == "vision":
+        return dict(common, dataset="synthetic", backbone_init="random", backbone=a.backbone, targets=a.targets)
+    return dict(common, dataset="shakespeare", backbone=a.lm_backbone, targets="q_proj,v_proj", seq_len=a.seq_len)
+
+
+def simulation(device: torch.device, participants: int, batching: str, a, tier: str = "vision") -> Simulation:
+    cfg = make_config(tier_config(tier, participants, a))
+    p = prepare(cfg, a.data_dir, str(device))
     return Simulation(cfg, p.data, p.device, backbone=p.backbone, client_batching=batching)
 
 
-def measure(device: torch.device, participants: int, a) -> dict[str, dict]:
+def measure(device: torch.device, participants: int, a, tier: str = "vision") -> dict[str, dict]:
     """Both paths on the same workload, their rounds interleaved (off t, on t, off t+1, ...) so that a
     busy neighbour slows both alike."""
-    sims = {b: simulation(device, participants, b, a) for b in ("off", "on")}
+    sims = {b: simulation(device, participants, b, a, tier) for b in ("off", "on")}
     rounds: dict[str, list] = {b: [] for b in sims}
     try:
         for t in range(1, a.rounds + 1):
@@ -85,7 +94,7 @@ def measure(device: torch.device, participants: int, a) -> dict[str, dict]:
         timed = rs[1:] or rs
         s = statistics.median(r.train_s for r in timed)
         macs = statistics.median(sum(row.train_macs for row in r.rows) for r in timed)
-        out[b] = {"participants": participants, "batching": b, "s_per_round": s,
+        out[b] = {"tier": tier, "participants": participants, "batching": b, "s_per_round": s,
                   "rounds_s": [r.train_s for r in rs], "train_macs": macs, "flops_per_s": 2 * macs / s,
                   "samples": sum(row.train_samples for row in rs[-1].rows)}
     return out
@@ -101,6 +110,12 @@ def main() -> None:
     ap.add_argument("--backbone", default="vit")
     ap.add_argument("--targets", default="attn")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--tiers", default="vision,language", help="vision, language or both (comma-separated)")
+    ap.add_argument("--lm-backbone", default="char-lm", help="language tier: char-lm or smollm2")
+    ap.add_argument("--lm-participants", default="", help="language tier participant counts (default: "
+                                                          "--participants)")
+    ap.add_argument("--seq-len", type=int, default=64, help="language tier: tokens per window")
+    ap.add_argument("--data-dir", default=None, help="data dir (default: $FEDBENCH_DATA_DIR or ~/.cache/fedbench)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -111,19 +126,28 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    print(f"vision tier: fedit, {a.backbone} random, targets={a.targets}, r={a.rank}, batch {a.batch_size}, "
-          f"{a.local_steps} local steps, {a.rounds} rounds (first not timed)")
     results = []
-    for n in (int(v) for v in a.participants.split(",")):
-        row = measure(device, n, a)
-        for batching, r in row.items():
-            results.append(r)
-            print(f"  {n:3d} participants, batching {batching:3s}: {r['s_per_round']:.3f} s/round, "
-                  f"{r['flops_per_s'] / 1e9:.2f} GFLOP/s ({100 * r['flops_per_s'] / peak:.1f}% of peak)")
-        assert row["off"]["train_macs"] == row["on"]["train_macs"], "the two paths count different work"
-        print(f"  {n:3d} participants: batched is {row['off']['s_per_round'] / row['on']['s_per_round']:.2f}x "
-              f"faster per round")
-    print("language tier: not in this tree yet (no rows)")
+    for tier in a.tiers.split(","):
+        if tier == "vision":
+            counts = a.participants
+            print(f"vision tier: fedit, {a.backbone} random, targets={a.targets}, r={a.rank}, batch {a.batch_size}, "
+                  f"{a.local_steps} local steps, {a.rounds} rounds (first not timed)")
+        elif tier == "language":
+            counts = a.lm_participants or a.participants
+            print(f"language tier: fedit, {a.lm_backbone} on Shakespeare roles, q_proj,v_proj, r={a.rank}, batch "
+                  f"{a.batch_size} x {a.seq_len} tokens, {a.local_steps} local steps, {a.rounds} rounds (first not "
+                  f"timed)")
+        else:
+            raise SystemExit(f"--tiers: unknown tier {tier!r}; expected vision or language")
+        for n in (int(v) for v in counts.split(",")):
+            row = measure(device, n, a, tier)
+            for batching, r in row.items():
+                results.append(r)
+                print(f"  {n:3d} participants, batching {batching:3s}: {r['s_per_round']:.3f} s/round, "
+                      f"{r['flops_per_s'] / 1e9:.2f} GFLOP/s ({100 * r['flops_per_s'] / peak:.1f}% of peak)")
+            assert row["off"]["train_macs"] == row["on"]["train_macs"], "the two paths count different work"
+            print(f"  {n:3d} participants: batched is {row['off']['s_per_round'] / row['on']['s_per_round']:.2f}x "
+                  f"faster per round")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": str(device), "device_name": name, "peak_flops": peak, "args": vars(a),

@@ -92,9 +92,9 @@ def resolve_client_batching(choice: str | None, device: torch.device) -> str:
     """Whether a round's participants train jointly ("on" | "off" | "auto"; methods that offer
     ``client_update_many``; an execution option like prefetch: it changes no result, only the speed).
     ``auto``: on where the method says the joint pass pays (``batching_pays``: the federated-LoRA family
-    with linear adapters only; benchmarks/batched_round.py measured the batched ViT round 1.30x (10
-    participants) and 1.19x (50) faster on the 2-core CPU; per-segment convolution adapters were not
-    faster there), off otherwise. ``device`` is taken for
+    with linear adapters, SmolLM2 excepted; benchmarks/batched_round.py measured the batched ViT round 1.30x
+    (10 participants) and 1.19x (50) faster on the 2-core CPU, the char-lm round 1.24x and 1.08x, the
+    SmolLM2 round 0.61x (slower); per-segment convolution adapters were not faster there), off otherwise. ``device`` is taken for
     a device-dependent rule; today's rule is the same on every device."""
     choice = os.environ.get(CLIENT_BATCHING_ENV, "auto") if choice is None else choice
     choice = choice.strip().lower()
