@@ -5,7 +5,8 @@ Algorithm (per round; W the global header, fc3-shaped 500 -> K):
         train the whole local model for E epochs with CE
         one extra forward pass (no gradient) over its training data:
             P_{k,c} = mean of h = fc2 output over the samples of class c
-        upload {c: P_{k,c}} for the seen classes (class ids as int64)
+        upload {c: P_{k,c}} for the seen classes (seen x 500 floats, seen class ids in the smallest
+            integer type that holds K: uint8, 1 byte each, for K <= 256)
     server:
         train W with CE on the uploaded (P_{k,c}, c) pairs: server_epochs epochs, shuffled batches of
         the client batch size, a dedicated SGD with lr server_lr created each round
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from baselines.fedproto import ClassMeans
 from fedbench.hparams import hparam
+from fedbench.metering.comm import class_id_dtype
 from fedbench.methods.base import Method, load, snapshot
 from fedbench.models.cnn import REP_DIM, linear_spec
 from fedbench.seeding import torch_generator
@@ -77,13 +79,13 @@ class FedGH(Method):
             for x, y in client.batches(1, augment=False, shuffle=False, count=False):
                 acc.add(model.features(x), y)
         classes, protos, _ = acc.result()
-        return {"classes": classes, "protos": protos}
+        return {"classes": classes.to(class_id_dtype(self.run.num_classes)), "protos": protos}
 
     def server_update(self, server, uploads):
         self.server_round += 1
         header = server.module("header")
         protos = torch.cat([u.payload["protos"] for u in uploads])
-        labels = torch.cat([u.payload["classes"] for u in uploads])
+        labels = torch.cat([u.payload["classes"] for u in uploads]).long()
         train_header(server, header, protos, labels, self.hp.server_epochs, self.hp.server_lr,
                      self.run.batch_size,
                      torch_generator(protos.device, self.run.seed, "fedgh-header", self.server_round))

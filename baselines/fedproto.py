@@ -8,7 +8,8 @@ Algorithm (per round; P_bar the global prototypes, h = fc2 output, 500-d):
         P_{k,c} = mean of h over the samples of class c
             during: accumulated over all batches of all local epochs (HtFLlib; a drifting model)
             after:  one extra forward pass over the local training data once training is done
-        upload {c: P_{k,c}} for the seen classes, class ids as int64
+        upload {c: P_{k,c}} for the seen classes: seen x 500 floats and seen class ids in the smallest
+            integer type that holds K (uint8 for K <= 256: 1 byte each)
     server:
         P_bar_c = mean over the participants holding c of P_{k,c}
             uniform (HtFLlib) or weighted by the class sample counts n_{k,c} (count)
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fedbench.hparams import hparam
+from fedbench.metering.comm import class_id_dtype
 from fedbench.methods.base import Method
 from fedbench.models.cnn import REP_DIM
 
@@ -55,14 +57,16 @@ class ClassMeans:
         self.counts += onehot.sum(0)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(class ids int64, per-class means, sample counts) over the classes seen."""
+        """(class ids int64, per-class means, sample counts) over the classes seen (ids go on the wire
+        as :func:`fedbench.metering.comm.class_id_dtype`)."""
         seen = self.counts.nonzero().squeeze(1)
         n = self.counts[seen]
         return seen, self.sums[seen] / n[:, None].to(self.sums.dtype), n
 
 
 def dense(classes: torch.Tensor, rows: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (K, d) table and a (K,) mask from class ids and their rows."""
+    """A (K, d) table and a (K,) mask from class ids (any integer dtype) and their rows."""
+    classes = classes.long()
     table = torch.zeros(num_classes, rows.shape[1], dtype=rows.dtype, device=rows.device)
     mask = torch.zeros(num_classes, dtype=torch.bool, device=rows.device)
     table[classes] = rows
@@ -87,11 +91,12 @@ def aggregate_protos(uploads: list[dict], num_classes: int, weight: str) -> dict
     sums = torch.zeros(num_classes, first.shape[1], dtype=first.dtype, device=first.device)
     norm = torch.zeros(num_classes, dtype=first.dtype, device=first.device)
     for u in uploads:
-        w = u["counts"].to(first.dtype) if weight == "count" else torch.ones_like(u["classes"], dtype=first.dtype)
-        sums[u["classes"]] += w[:, None] * u["protos"]
-        norm[u["classes"]] += w
+        ids = u["classes"].long()
+        w = u["counts"].to(first.dtype) if weight == "count" else torch.ones_like(ids, dtype=first.dtype)
+        sums[ids] += w[:, None] * u["protos"]
+        norm[ids] += w
     present = norm.nonzero().squeeze(1)
-    return {"classes": present, "protos": sums[present] / norm[present, None]}
+    return {"classes": present.to(class_id_dtype(num_classes)), "protos": sums[present] / norm[present, None]}
 
 
 class FedProto(Method):
@@ -142,7 +147,7 @@ class FedProto(Method):
                     acc.add(model.features(x), y)
 
         classes, means, counts = acc.result()
-        up = {"classes": classes, "protos": means}
+        up = {"classes": classes.to(class_id_dtype(K)), "protos": means}
         if hp.proto_weight == "count":
             # the server needs n_{k,c}; 'during' saw each sample once per epoch
             up["counts"] = counts // (self.run.epochs if hp.proto_collect == "during" else 1)

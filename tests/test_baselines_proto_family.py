@@ -25,6 +25,7 @@ from fedbench.registry import get_method
 
 K = 10  # synthetic dataset
 F32, I64 = 4, 8
+ID = 1  # a class id on the wire: uint8 for K <= 256 (class_id_dtype)
 
 # method -> (config options, rounds of the shared run)
 RUNS = {
@@ -94,21 +95,21 @@ def test_fd_payload_per_class_logits_with_class_ids():
     for r in (r1, r2):
         for row in r.rows:
             s = seen(sim, row.client)
-            assert row.bytes_up == s * K * F32 + s * I64
+            assert row.bytes_up == s * K * F32 + s * ID
     m = union(sim, selected(r1))
     for row in r1.rows:
         assert row.bytes_down == 0  # nothing to distil from before the first aggregation
     for row in r2.rows:
-        assert row.bytes_down == m * K * F32 + m * I64
+        assert row.bytes_down == m * K * F32 + m * ID
     b = sim.broadcast
-    assert b["logits"].shape == (union(sim, selected(r2)), K) and b["classes"].dtype == torch.int64
+    assert b["logits"].shape == (union(sim, selected(r2)), K) and b["classes"].dtype == torch.uint8
 
 
 def test_fd_exclude_self_broadcast_is_sums_and_counts():
     ups = [{"classes": torch.tensor([0, 2]), "logits": torch.randn(2, 3)},
            {"classes": torch.tensor([2]), "logits": torch.randn(1, 3)}]
     b = aggregate_logits(ups, 3, sums_only=True)
-    assert payload_bytes(b) == 2 * 3 * F32 + 2 * I64 + 2 * I64  # sums, counts, class ids
+    assert payload_bytes(b) == 2 * 3 * F32 + 2 * I64 + 2 * ID  # sums, counts (int64), class ids
 
 
 def test_fedproto_payload_prototypes_with_class_ids():
@@ -116,12 +117,12 @@ def test_fedproto_payload_prototypes_with_class_ids():
     for r in (r1, r2, r3):
         for row in r.rows:
             s = seen(sim, row.client)
-            assert row.bytes_up == s * REP_DIM * F32 + s * I64
+            assert row.bytes_up == s * REP_DIM * F32 + s * ID
     assert all(row.bytes_down == 0 for row in r1.rows)
     for prev, r in ((r1, r2), (r2, r3)):
         m = union(sim, selected(prev))
         for row in r.rows:
-            assert row.bytes_down == (m * REP_DIM * F32 + m * I64 if row.selected else 0)
+            assert row.bytes_down == (m * REP_DIM * F32 + m * ID if row.selected else 0)
     assert sim.broadcast["protos"].shape == (union(sim, selected(r3)), REP_DIM)
 
 
@@ -131,7 +132,7 @@ def test_fedgh_payload_prototypes_up_header_down_to_all():
     for r in (r1, r2):
         for row in r.rows:
             s = seen(sim, row.client)
-            assert row.bytes_up == (s * REP_DIM * F32 + s * I64 if row.selected else 0)
+            assert row.bytes_up == (s * REP_DIM * F32 + s * ID if row.selected else 0)
     assert any(not row.selected for row in r1.rows)
     for row in r1.rows:
         assert row.bytes_down == 2 * header  # initial header before round 1, trained header after it
@@ -219,6 +220,22 @@ def test_fd_server_unweighted_mean_and_exclude_self():
     assert torch.allclose(table[1], torch.tensor([0.0, 3.0, 1.0]))
 
 
+def test_server_rules_read_class_ids_in_the_wire_dtype():
+    """Ids arrive as uint8 (K <= 256); used as an index unconverted, uint8 would be a boolean mask."""
+    a = {"classes": torch.tensor([0, 2]), "protos": torch.tensor([[1.0, 1.0], [2.0, 2.0]]),
+         "logits": torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]), "counts": torch.tensor([1, 3])}
+    b = {"classes": torch.tensor([2, 3]), "protos": torch.tensor([[4.0, 4.0], [6.0, 6.0]]),
+         "logits": torch.tensor([[0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 6.0]]), "counts": torch.tensor([1, 1])}
+    wire = [{**u, "classes": u["classes"].to(torch.uint8)} for u in (a, b)]
+    for weight in ("uniform", "count"):
+        want, got = aggregate_protos([a, b], 4, weight), aggregate_protos(wire, 4, weight)
+        assert got["classes"].dtype == torch.uint8 and got["classes"].tolist() == [0, 2, 3]
+        assert torch.equal(got["protos"], want["protos"])
+    got, want = aggregate_logits(wire, 4), aggregate_logits([a, b], 4)
+    assert got["classes"].tolist() == [0, 2, 3] and torch.equal(got["logits"], want["logits"])
+    assert torch.equal(got["logits"][1], torch.tensor([0.0, 0.0, 3.0, 0.0]))
+
+
 def test_lg_fedavg_server_weighted_mean_of_heads():
     h1 = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
     h2 = {"weight": 5 * torch.ones(2, 3), "bias": 4 * torch.ones(2)}
@@ -302,7 +319,7 @@ def test_fedproto_head_inference_count_weights_after_collection():
     for row in r1.rows:
         assert row.correct is not None  # the head is defined from the start
         s = seen(sim, row.client)
-        assert row.bytes_up == s * REP_DIM * F32 + s * I64 + s * I64  # + class counts
+        assert row.bytes_up == s * REP_DIM * F32 + s * ID + s * I64  # + class counts (int64)
         assert row.train_samples == sim.clients[row.client].n_train  # the collection pass does not train
     assert "infer=head" in FedProto.label(sim.method.hp)
 
