@@ -1,7 +1,7 @@
 """FedProto (Tan et al., AAAI'22) in the HtFLlib form (spec C.6).
 
 Algorithm (per round; P_bar the global prototypes, h = fc2 output, 500-d):
-    client k (selected), given P_bar (none before the first aggregation):
+    client k (selected), with the P_bar it holds (none before the first aggregation):
         E epochs over its data:  L = CE(fc3(h), y) + lam * MSE(h, P_bar_y)
             a sample whose class has no global prototype contributes 0 to the MSE term
             (HtFLlib puts the sample's own detached h there; the mean still runs over the batch)
@@ -13,15 +13,20 @@ Algorithm (per round; P_bar the global prototypes, h = fc2 output, 500-d):
     server:
         P_bar_c = mean over the participants holding c of P_{k,c}
             uniform (HtFLlib) or weighted by the class sample counts n_{k,c} (count)
-        broadcast {c: P_bar_c} for the classes some participant holds this round
+        broadcast {c: P_bar_c} for the classes some participant holds this round (m classes:
+            m x 500 floats + m class ids) to **every** client (``push = "all"``); each client replaces
+            the prototypes it holds with them
     inference:
-        nearest-proto: the class of the nearest global prototype (squared distance; HtFLlib's MSE
-            gives the same argmin), the head ignored; undefined until the client holds prototypes
+        nearest-proto: the class of the nearest prototype the client holds, i.e. the latest global
+            ones (squared distance; HtFLlib's MSE gives the same argmin), the head ignored
         head: fc3(h), the local model
 
-Prototypes go to the participants at the start of their round (``push = "selected"``); a client
-keeps the last global prototypes it received for inference, and is "undefined" before it has any
-(HtFLlib reports 0 % there; fedbench stores undefined, spec A.5).
+As HtFLlib, the server sends the new prototypes to all clients after each aggregation and evaluation
+uses them, so after round t every client (selected or not) predicts with round t's aggregate and
+trains with it when next selected; the download bytes are counted for every client each round. Before
+the first aggregation there are no prototypes: nearest-proto prediction is "undefined" (HtFLlib
+reports 0 % there; fedbench stores undefined, spec A.5), which only an evaluation before round 1's
+aggregation (``--eval-initial``) can see.
 
 Defaults: lam = 1.0 is HtFLlib's parser default; HtFLlib's tuned example script uses lam = 10.
 """
@@ -102,7 +107,7 @@ def aggregate_protos(uploads: list[dict], num_classes: int, weight: str) -> dict
 class FedProto(Method):
     paper = "Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022"
     heterogeneous = True
-    push = "selected"
+    push = "all"
 
     @dataclass
     class Params:
@@ -127,11 +132,14 @@ class FedProto(Method):
         super().__init__(params, run)
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client -> last (P_bar, mask) received
 
+    def receive(self, client, broadcast):
+        """Every client, after each aggregation: the prototypes it holds become the latest global ones."""
+        self.held[client.id] = dense(broadcast["classes"], broadcast["protos"], self.run.num_classes)
+
     def client_update(self, client, broadcast):
+        # push = "all": the latest prototypes were installed by receive() (none before the first aggregation)
         K, hp = self.run.num_classes, self.hp
         model = client.module("model")
-        if broadcast is not None:
-            self.held[client.id] = dense(broadcast["classes"], broadcast["protos"], K)
         protos, has_proto = self.held.get(client.id, (None, None))
 
         opt = client.optimizer(model.parameters())
