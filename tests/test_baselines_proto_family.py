@@ -19,7 +19,7 @@ from baselines.fedgh import FedGH
 from baselines.fedproto import FedProto, aggregate_protos, fedproto_loss
 from baselines.lg_fedavg import LGFedAvg
 from fedbench.metering.comm import payload_bytes
-from fedbench.methods.base import Upload
+from fedbench.methods.base import Upload, snapshot
 from fedbench.models.cnn import CNN_WIDTHS, REP_DIM
 from fedbench.registry import get_method
 
@@ -81,13 +81,39 @@ def test_entry_points_resolve_to_the_classes():
 def test_lg_fedavg_payload_head_up_from_participants_down_to_all():
     sim, results = shared("lg-fedavg")
     head = (REP_DIM * K + K) * F32
-    for r in results:
+    for t, r in enumerate(results, 1):
         sel = selected(r)
         assert len(sel) == 3
         for row in r.rows:
             assert row.bytes_up == (head if row.selected else 0)
-            assert row.bytes_down == head  # no initial head; after aggregation to every client
+            # round 1: the initial head before training, then the aggregate; to every client
+            assert row.bytes_down == (2 * head if t == 1 else head)
     assert sim.broadcast["weight"].shape == (K, REP_DIM) and sim.broadcast["bias"].shape == (K,)
+
+
+def test_lg_fedavg_initial_head_written_into_every_client_before_round_1():
+    sim = make_sim(small_config(method="lg-fedavg", rounds=1, fraction=0.6))
+    init = {k: v.clone() for k, v in sim.broadcast.items()}  # server_init's broadcast
+    own = [snapshot(c.module("model").fc3) for c in sim.clients]
+    assert all(torch.equal(init[k], own[0][k]) for k in init)  # HtFLlib: client 0's initial head
+    assert any(not torch.equal(init["weight"], o["weight"]) for o in own[1:])  # others start elsewhere
+    at_train, first = {}, {}
+    orig_update, orig_receive = sim.method.client_update, sim.method.receive
+
+    def update_spy(client, b):
+        at_train[client.id] = snapshot(client.module("model").fc3)
+        return orig_update(client, b)
+
+    def receive_spy(client, head):
+        orig_receive(client, head)
+        first.setdefault(client.id, snapshot(client.module("model").fc3))
+
+    sim.method.client_update, sim.method.receive = update_spy, receive_spy
+    r = sim.run_round(1)
+    assert set(first) == {c.id for c in sim.clients}  # every client, selected or not
+    for got in [*first.values(), *at_train.values()]:
+        assert all(torch.equal(got[k], init[k]) for k in init)  # participants train from it
+    assert set(at_train) == set(selected(r)) and len(at_train) == 3
 
 
 def test_fd_payload_per_class_logits_with_class_ids():
