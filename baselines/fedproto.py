@@ -154,11 +154,10 @@ class FedProto(Method):
                 for x, y in client.batches(1, augment=False, shuffle=False, count=False):
                     acc.add(model.features(x), y)
 
-        classes, means, counts = acc.result()
+        classes, means, _ = acc.result()
         up = {"classes": classes.to(class_id_dtype(K)), "protos": means}
-        if hp.proto_weight == "count":
-            # the server needs n_{k,c}; 'during' saw each sample once per epoch
-            up["counts"] = counts // (self.run.epochs if hp.proto_collect == "during" else 1)
+        if hp.proto_weight == "count":  # the server needs n_{k,c}: the client's training samples of class c
+            up["counts"] = client.label_counts[classes.cpu()].to(client.device)
         return up
 
     def server_update(self, server, uploads):

@@ -398,6 +398,22 @@ def test_fedproto_head_inference_count_weights_after_collection():
     assert "infer=head" in FedProto.label(sim.method.hp)
 
 
+def test_fedproto_count_weights_are_the_clients_class_counts():
+    """n_{k,c} is the client's training samples of class c, whatever the local schedule (with
+    --local-steps a pass sees neither every sample nor each the same number of times)."""
+    for kw in (dict(epochs=2), dict(epochs=2, local_steps=3), dict(proto_collect="after", local_steps=3)):
+        sim = make_sim(small_config(method="fedproto", rounds=1, proto_weight="count", **kw))
+        ups = []
+        orig = sim.method.server_update
+        sim.method.server_update = lambda server, u, orig=orig, ups=ups: (ups.extend(u), orig(server, u))[1]
+        sim.run_round(1)
+        for u in ups:
+            c = sim.clients[u.client]
+            ids = u.payload["classes"].long()
+            assert torch.equal(ids, c.classes)
+            assert torch.equal(u.payload["counts"], c.label_counts[ids]), kw
+
+
 # --- 6. FedGH costs ------------------------------------------------------------------------------
 
 def _features_macs(arch: str) -> int:
