@@ -73,6 +73,7 @@ from fedbench.models.cnn import CNN_WIDTHS, REP_DIM, cnn_spec, linear_spec
 
 SHARED_MODELS = tuple(CNN_WIDTHS)
 Count = Callable[[int], None] | None
+FP32_MAX = float(torch.finfo(torch.float32).max)  # a larger lr overflows torch's (non-fused) fp32 SGD step
 
 
 # --- losses ----------------------------------------------------------------------------------------
@@ -149,11 +150,13 @@ def factor_numel(code) -> int:
 
 def compress_tensor(t: torch.Tensor, energy: float, count: Count = None, conv_svd: str = "per-position",
                     dense_fallback: bool = True):
-    """Code of one tensor: the dense tensor (ndim < 2), a factor pair (matrix), or for a 4-D conv
-    weight one factor pair per kernel position (``per-position``) or one for the out x (in*kh*kw)
-    matrix (``flatten``). With ``dense_fallback`` the dense tensor is sent when it is not larger."""
+    """Code of one tensor: the dense tensor (ndim < 2, or not finite), a factor pair (matrix), or for a
+    4-D conv weight one factor pair per kernel position (``per-position``) or one for the out x
+    (in*kh*kw) matrix (``flatten``). With ``dense_fallback`` the dense tensor is sent when it is not
+    larger."""
     t = t.detach()
-    if t.dim() < 2:
+    if t.dim() < 2 or not bool(torch.isfinite(t).all()):
+        # a diverged update (inf/NaN) has no SVD: it travels dense, as any method's NaN model would
         return t.clone()
     if t.dim() == 2:
         code = svd_factors(t, energy, count)
@@ -207,7 +210,7 @@ class FedKD(Method):
                                                "or the mentee parameters (HtFLlib's variant)",
                                      choices=("update", "params"), marker="reconstruction")
         mentee_lr: float = hparam(0.01, "FedKD: learning rate of the mentee (mentor and W_h use --lr)",
-                                  low=0.0, low_open=True, marker="code: HtFLlib tuned script")
+                                  low=0.0, low_open=True, high=FP32_MAX, marker="code: HtFLlib tuned script")
         fedkd_clip: float = hparam(10.0, "FedKD: gradient-norm clip applied to the mentor, the mentee and W_h "
                                          "separately, instead of the run's --clip (0 = off, as wuch15/FedKD)",
                                    low=0.0, marker="code: TsingZ0/HtFLlib")

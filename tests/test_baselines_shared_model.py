@@ -389,6 +389,23 @@ def test_fedkd_conv_flatten_option_and_dense_fallback():
     assert code_numel(compress({"x": m}, 0.95, dense_fallback=False)["x"], m.shape) > m.numel()
 
 
+def test_fedkd_diverged_update_travels_dense_instead_of_failing_the_svd():
+    bad = torch.ones(6, 4)
+    bad[2, 1] = float("nan")
+    conv = torch.ones(3, 2, 5, 5)
+    conv[0, 0, 0, 0] = float("inf")
+    code = compress({"fc.weight": bad, "conv.weight": conv}, 0.95)
+    assert isinstance(code["fc.weight"], torch.Tensor) and isinstance(code["conv.weight"], torch.Tensor)
+    back = decompress(code, {"fc.weight": bad.shape, "conv.weight": conv.shape})
+    assert torch.equal(back["fc.weight"].isnan(), bad.isnan()) and torch.equal(back["conv.weight"], conv)
+    # a run whose mentee diverges finishes (an SVD of a non-finite update used to raise LinAlgError)
+    sim = make_sim(small_config(method="fedkd", rounds=1, fraction=0.2, mentee_lr=3e38))
+    seen = spy_server(sim)
+    sim.run_round(1)
+    (ups, _), = seen
+    assert any(not bool(torch.isfinite(v).all()) for v in ups[0].payload.values() if isinstance(v, torch.Tensor))
+
+
 def test_labels_record_the_choices():
     from baselines.fedkd import FedKD
     from baselines.fml import FML

@@ -30,6 +30,20 @@ def test_fedlora_small_cnn_adapters_bytes():
         assert all(row.bytes_up == 4 * n and row.bytes_down == 4 * n for row in res.rows)
 
 
+def test_fedlora_rank_bounded_by_the_adapter_layers():
+    from fedbench.errors import ConfigError
+    from fedbench.methods.fedlora import max_rank
+    assert max_rank("head-lora", 10)[0] == 10 and max_rank("head-lora", 100)[0] == 100
+    assert max_rank("head-lora", 1000)[0] == 500
+    assert max_rank("small-cnn-dimred", 10)[0] == max_rank("small-cnn-decomp", 10)[0] == 500
+    small_config(method="fedlora", rank=K)  # full rank of the 500 -> K map: allowed
+    with pytest.raises(ConfigError, match=r"--rank 11 is out of range for --adapter head-lora .* 1 <= r <= 10"):
+        small_config(method="fedlora", rank=K + 1)
+    small_config(method="fedlora", adapter="small-cnn-decomp", rank=500)
+    with pytest.raises(ConfigError, match="1 <= r <= 500"):
+        small_config(method="fedlora", adapter="small-cnn-decomp", rank=501)
+
+
 def test_standalone_exchanges_nothing():
     res = make_sim(small_config(method="standalone")).run_round(1)
     assert all(r.bytes_up == 0 and r.bytes_down == 0 for r in res.rows)
