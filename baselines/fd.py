@@ -123,7 +123,7 @@ class FD(Method):
             logits, _ = model(x)
             client.step(opt, fd_loss(logits, y, z_bar, has, hp.lam, hp.temperature))
             acc.add(logits, y)  # per-label logits of the drifting model, as HtFLlib
-        classes, means, _ = acc.result()
+        classes, means = acc.result()
         up = {"classes": classes.to(class_id_dtype(K)), "logits": means}
         if hp.fd_exclude_self:
             self.last_up[client.id] = (client.round, up)

@@ -63,10 +63,6 @@ class FedGH(Method):
     def label(cls, p) -> str:
         return f"FedGH (server epochs={p.server_epochs}, server lr={p.server_lr})"
 
-    def __init__(self, params, run) -> None:
-        super().__init__(params, run)
-        self.server_round = 0
-
     def server_init(self, server):
         return snapshot(server.own("header", linear_spec(REP_DIM, self.run.num_classes)))
 
@@ -80,17 +76,16 @@ class FedGH(Method):
         with torch.no_grad():  # prototype collection: forward only, metered as client training cost
             for x, y in client.batches(1, augment=False, shuffle=False, count=False):
                 acc.add(model.features(x), y)
-        classes, protos, _ = acc.result()
+        classes, protos = acc.result()
         return {"classes": classes.to(class_id_dtype(self.run.num_classes)), "protos": protos}
 
     def server_update(self, server, uploads):
-        self.server_round += 1
         header = server.module("header")
         protos = torch.cat([u.payload["protos"] for u in uploads])
         labels = torch.cat([u.payload["classes"] for u in uploads]).long()
         train_header(server, header, protos, labels, self.hp.server_epochs, self.hp.server_lr,
                      self.run.batch_size,
-                     torch_generator(protos.device, self.run.seed, "fedgh-header", self.server_round))
+                     torch_generator(protos.device, self.run.seed, "fedgh-header", server.round))
         return snapshot(header)
 
     def receive(self, client, header):

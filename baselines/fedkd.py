@@ -18,7 +18,7 @@ no bias) and its copy of the shared homogeneous **mentee** m (CNN-5 by default).
         d = (1/|S|) sum_k reconstruct(upload_k)           # unweighted
         broadcast SVD_T(t)(d) to every client             # push = "all"
     every client: m = m + reconstruct(broadcast)
-    evaluation: the mentor f_k alone.
+    evaluation: the mentor f_k alone (the default predict of Method: the client's "model").
 
 As in both reference codes (wuch15/FedKD, TsingZ0/HtFLlib) nothing is detached: the gradient is that
 of L_t + L_s with respect to all three modules, and the /L_task normalisers carry gradient too.
@@ -65,13 +65,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from baselines.fml import SHARED_MODELS
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.metering.algebra import svd_macs
 from fedbench.methods.base import Method, mean, snapshot
-from fedbench.models.cnn import CNN_WIDTHS, REP_DIM, cnn_spec, linear_spec
+from fedbench.models.cnn import REP_DIM, cnn_spec, linear_spec
 
-SHARED_MODELS = tuple(CNN_WIDTHS)
 Count = Callable[[int], None] | None
 FP32_MAX = float(torch.finfo(torch.float32).max)  # a larger lr overflows torch's (non-fused) fp32 SGD step
 
@@ -309,6 +309,3 @@ class FedKD(Method):
         else:
             for k, v in decompress(broadcast["params"], self._shapes(party), count).items():
                 params[k].copy_(v)
-
-    def predict(self, client, x):
-        return client.module("model")(x)[0]

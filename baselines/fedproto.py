@@ -61,12 +61,11 @@ class ClassMeans:
         self.sums += onehot.to(v.dtype).T @ v.detach()
         self.counts += onehot.sum(0)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(class ids int64, per-class means, sample counts) over the classes seen (ids go on the wire
-        as :func:`fedbench.metering.comm.class_id_dtype`)."""
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class ids int64, per-class means) over the classes seen (ids go on the wire as
+        :func:`fedbench.metering.comm.class_id_dtype`)."""
         seen = self.counts.nonzero().squeeze(1)
-        n = self.counts[seen]
-        return seen, self.sums[seen] / n[:, None].to(self.sums.dtype), n
+        return seen, self.sums[seen] / self.counts[seen, None].to(self.sums.dtype)
 
 
 def dense(classes: torch.Tensor, rows: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +153,7 @@ class FedProto(Method):
                 for x, y in client.batches(1, augment=False, shuffle=False, count=False):
                     acc.add(model.features(x), y)
 
-        classes, means, _ = acc.result()
+        classes, means = acc.result()
         up = {"classes": classes.to(class_id_dtype(K)), "protos": means}
         if hp.proto_weight == "count":  # the server needs n_{k,c}: the client's training samples of class c
             up["counts"] = client.label_counts[classes.cpu()].to(client.device)
