@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_sim, small_config
+from conftest import make_sim, own_class_guess, small_config
 
 from baselines.fedkd import (
     clip_per_module,
@@ -436,6 +436,7 @@ def test_same_seed_same_metrics(method):
 
 @pytest.mark.parametrize("method", ["fml", "fedkd"])
 def test_synthetic_smoke_learns(method):
-    res = make_sim(small_config(method=method, rounds=3)).run()
-    acc, _ = res[-1].accuracy()
-    assert acc > 0.5 + 0.15, f"{method} did not learn: {acc}"  # pathological split: 2 classes per client
+    sim = make_sim(small_config(method=method, rounds=3))
+    acc, _ = sim.run()[-1].accuracy()
+    guess = own_class_guess(sim)  # always predicting the client's most frequent class: ~0.5 here
+    assert acc >= guess + 0.2, f"{method} did not learn: {acc} (guessing own classes: {guess})"

@@ -47,6 +47,11 @@ def max_rank(adapter: str, num_classes: int) -> tuple[int, str]:
     return fc_width, f"max over fc1..fc3 of min(d_in, d_out) = {fc_width}"
 
 
+def phase1_loss(both: torch.Tensor, local: torch.Tensor, y: torch.Tensor, mu: float) -> torch.Tensor:
+    """L1 = (1 - mu) CE(f_k(x), y) + mu CE(f_k(x) (+) g(x), y), from the combined and the local logits."""
+    return (1 - mu) * F.cross_entropy(local, y) + mu * F.cross_entropy(both, y)
+
+
 @register_method("fedlora")
 class FedLoRA(Method):
     paper = "Yi et al., FedLoRA/pFedLoRA: Model-Heterogeneous Personalized FL with LoRA Tuning, arXiv 2310.13283"
@@ -117,8 +122,7 @@ class FedLoRA(Method):
             opt = client.optimizer(model.parameters())
             for x, y in client.batches(e1):
                 both, local = self.combined(model, adapter, x)
-                loss = (1 - mu) * F.cross_entropy(local, y) + mu * F.cross_entropy(both, y)
-                client.step(opt, loss)
+                client.step(opt, phase1_loss(both, local, y, mu))
 
         opt = client.optimizer(adapter.parameters())  # phase 2: train g, f_k frozen (forward only)
         for x, y in client.batches(e2):
