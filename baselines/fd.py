@@ -7,10 +7,11 @@ Algorithm (per round; z_bar_c the global mean logit vector of class c, T the tem
             a sample whose class has no global logit contributes 0 to the KL term
         z_{k,c} = mean of the logits f(x) over the samples of class c, accumulated over all batches of
             all local epochs during training (HtFLlib)
-        upload {c: z_{k,c}} for the seen classes (seen x K floats, class ids as int64)
+        upload {c: z_{k,c}} for the seen classes (seen x K floats, seen class ids in the smallest
+            integer type that holds K: uint8, 1 byte each, for K <= 256)
     server:
         z_bar_c = unweighted mean over the participants holding c of z_{k,c} (HtFLlib)
-        broadcast {c: z_bar_c} (at most K x K)
+        broadcast {c: z_bar_c} (at most K x K floats and K class ids)
     inference: the local model f.
 
 Do: the distillation target is a probability distribution, softmax(z_bar_y / T) (spec C.5, T a flag,
@@ -21,7 +22,7 @@ multiplied by T^2 (the spec's formula; at the default T = 1 the two agree).
 --fd-exclude-self [reconstruction; whether the paper excludes a device's own contribution is
 unverified]: client k distils towards the mean of the *other* clients' logits. The engine sends one
 broadcast to all participants, so the server sends per-class sums and counts instead of means
-(m x K floats + m int64 counts + m ids) and each client removes its own last upload when that upload
+(m x K floats + m int64 counts + m class ids) and each client removes its own last upload when that upload
 went into the sums (it did iff the client took part in the previous round). A class held only by the
 client itself has no target.
 """
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from baselines.fedproto import ClassMeans, dense
 from fedbench.hparams import hparam
+from fedbench.metering.comm import class_id_dtype
 from fedbench.methods.base import Method
 
 
@@ -60,12 +62,14 @@ def aggregate_logits(uploads: list[dict], num_classes: int, sums_only: bool = Fa
     sums = torch.zeros(num_classes, first.shape[1], dtype=first.dtype, device=first.device)
     count = torch.zeros(num_classes, dtype=torch.int64, device=first.device)
     for u in uploads:
-        sums[u["classes"]] += u["logits"]
-        count[u["classes"]] += 1
+        ids = u["classes"].long()
+        sums[ids] += u["logits"]
+        count[ids] += 1
     present = count.nonzero().squeeze(1)
+    ids = present.to(class_id_dtype(num_classes))
     if sums_only:
-        return {"classes": present, "sums": sums[present], "counts": count[present]}
-    return {"classes": present, "logits": sums[present] / count[present, None].to(first.dtype)}
+        return {"classes": ids, "sums": sums[present], "counts": count[present]}
+    return {"classes": ids, "logits": sums[present] / count[present, None].to(first.dtype)}
 
 
 class FD(Method):
@@ -100,11 +104,12 @@ class FD(Method):
             return dense(broadcast["classes"], broadcast["logits"], K)
         sums, _ = dense(broadcast["classes"], broadcast["sums"], K)
         counts = torch.zeros(K, dtype=torch.int64, device=sums.device)
-        counts[broadcast["classes"]] = broadcast["counts"]
+        counts[broadcast["classes"].long()] = broadcast["counts"]
         last = self.last_up.get(client.id)
         if last is not None and last[0] == client.round - 1:  # my upload is inside these sums
-            sums[last[1]["classes"]] -= last[1]["logits"]
-            counts[last[1]["classes"]] -= 1
+            mine = last[1]["classes"].long()
+            sums[mine] -= last[1]["logits"]
+            counts[mine] -= 1
         has = counts > 0
         return sums / counts.clamp(min=1)[:, None].to(sums.dtype), has
 
@@ -118,8 +123,8 @@ class FD(Method):
             logits, _ = model(x)
             client.step(opt, fd_loss(logits, y, z_bar, has, hp.lam, hp.temperature))
             acc.add(logits, y)  # per-label logits of the drifting model, as HtFLlib
-        classes, means, _ = acc.result()
-        up = {"classes": classes, "logits": means}
+        classes, means = acc.result()
+        up = {"classes": classes.to(class_id_dtype(K)), "logits": means}
         if hp.fd_exclude_self:
             self.last_up[client.id] = (client.round, up)
         return up

@@ -24,9 +24,6 @@ class FedAvg(Method):
     class Params:
         pass
 
-    def client_init(self, client):
-        client.own("model", client.model_spec)
-
     def server_init(self, server):
         self.server = server
         # one architecture for all clients (checked by the engine through `heterogeneous = False`)

@@ -5,7 +5,8 @@ Algorithm (per round; W the global header, fc3-shaped 500 -> K):
         train the whole local model for E epochs with CE
         one extra forward pass (no gradient) over its training data:
             P_{k,c} = mean of h = fc2 output over the samples of class c
-        upload {c: P_{k,c}} for the seen classes (class ids as int64)
+        upload {c: P_{k,c}} for the seen classes (seen x 500 floats, seen class ids in the smallest
+            integer type that holds K: uint8, 1 byte each, for K <= 256)
     server:
         train W with CE on the uploaded (P_{k,c}, c) pairs: server_epochs epochs, shuffled batches of
         the client batch size, a dedicated SGD with lr server_lr created each round
@@ -36,9 +37,12 @@ import torch.nn.functional as F
 
 from baselines.fedproto import ClassMeans
 from fedbench.hparams import hparam
+from fedbench.metering.comm import class_id_dtype
 from fedbench.methods.base import Method, load, snapshot
 from fedbench.models.cnn import REP_DIM, linear_spec
 from fedbench.seeding import torch_generator
+
+FP32_MAX = float(torch.finfo(torch.float32).max)  # a larger lr overflows torch's (non-fused) fp32 SGD step
 
 
 class FedGH(Method):
@@ -53,15 +57,11 @@ class FedGH(Method):
                                        "(HtFLlib tuned script 1; HtFLlib parser 100)", low=1,
                                     marker="code: TsingZ0/HtFLlib")
         server_lr: float = hparam(0.01, "learning rate of the server's header SGD", low=0.0, low_open=True,
-                                  marker="code: TsingZ0/HtFLlib")
+                                  high=FP32_MAX, marker="code: TsingZ0/HtFLlib")
 
     @classmethod
     def label(cls, p) -> str:
         return f"FedGH (server epochs={p.server_epochs}, server lr={p.server_lr})"
-
-    def __init__(self, params, run) -> None:
-        super().__init__(params, run)
-        self.server_round = 0
 
     def server_init(self, server):
         return snapshot(server.own("header", linear_spec(REP_DIM, self.run.num_classes)))
@@ -76,17 +76,16 @@ class FedGH(Method):
         with torch.no_grad():  # prototype collection: forward only, metered as client training cost
             for x, y in client.batches(1, augment=False, shuffle=False, count=False):
                 acc.add(model.features(x), y)
-        classes, protos, _ = acc.result()
-        return {"classes": classes, "protos": protos}
+        classes, protos = acc.result()
+        return {"classes": classes.to(class_id_dtype(self.run.num_classes)), "protos": protos}
 
     def server_update(self, server, uploads):
-        self.server_round += 1
         header = server.module("header")
         protos = torch.cat([u.payload["protos"] for u in uploads])
-        labels = torch.cat([u.payload["classes"] for u in uploads])
+        labels = torch.cat([u.payload["classes"] for u in uploads]).long()
         train_header(server, header, protos, labels, self.hp.server_epochs, self.hp.server_lr,
                      self.run.batch_size,
-                     torch_generator(protos.device, self.run.seed, "fedgh-header", self.server_round))
+                     torch_generator(protos.device, self.run.seed, "fedgh-header", server.round))
         return snapshot(header)
 
     def receive(self, client, header):

@@ -10,16 +10,30 @@ no bias) and its copy of the shared homogeneous **mentee** m (CNN-5 by default).
             L_task = CE_t + CE_s                          # CE of mentor and mentee
             L_t = CE_t + KL(m || f)/L_task + MSE(h_f, W_h h_m)/L_task
             L_s = CE_s + KL(f || m)/L_task + MSE(h_f, W_h h_m)/L_task
+            KL(p || q) = sum_{i,c} p_ic (log p_ic - log q_ic) / (B K)   # element-wise mean
+            clip the gradient norm of the mentor, of the mentee and of W_h separately at fedkd_clip
         upload SVD_T(t)(m - m0)                           # truncated SVD factors of the update
         m = m0                                            # keep the global mentee (see below)
     server:
         d = (1/|S|) sum_k reconstruct(upload_k)           # unweighted
         broadcast SVD_T(t)(d) to every client             # push = "all"
     every client: m = m + reconstruct(broadcast)
-    evaluation: the mentor f_k alone.
+    evaluation: the mentor f_k alone (the default predict of Method: the client's "model").
 
 As in both reference codes (wuch15/FedKD, TsingZ0/HtFLlib) nothing is detached: the gradient is that
 of L_t + L_s with respect to all three modules, and the /L_task normalisers carry gradient too.
+
+**KL reduction.** Both reference codes use ``nn.KLDivLoss()`` with torch's default reduction "mean":
+the sum over the batch and the classes divided by B x K (an element-wise mean, 1/K of the per-sample
+"batchmean" KL); TsingZ0/PFLlib's FedKD does the same. fedbench does likewise and offers no batchmean
+option, since no published FedKD implementation uses it (FML's batchmean is ZJU-DAI's FML code, a
+different method).
+
+**Gradient clip.** TsingZ0/HtFLlib (and TsingZ0/PFLlib) clip after the backward pass with
+``clip_grad_norm_(..., 10)`` applied separately to the mentor's, the mentee's and W_h's parameters,
+the 10 fixed in the code; wuch15/FedKD does not clip. Because a reference fixes the value, FedKD does
+not use the run's ``--clip`` (one norm over all parameters): ``--fedkd-clip`` (default 10, HtFLlib's
+value; 0 = no clip, as wuch15/FedKD) is the per-module limit, recorded in the label.
 
 **Truncated SVD.** A matrix M (m x n) with singular values s_1 >= s_2 >= ... keeps the smallest rank r
 with sum_{i<=r} s_i^2 >= T * sum_i s_i^2 and is sent as two factors, A = U_r diag(s_r) (m x r) and
@@ -51,29 +65,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from baselines.fml import SHARED_MODELS
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.metering.algebra import svd_macs
 from fedbench.methods.base import Method, mean, snapshot
-from fedbench.models.cnn import CNN_WIDTHS, REP_DIM, cnn_spec, linear_spec
+from fedbench.models.cnn import REP_DIM, cnn_spec, linear_spec
 
-SHARED_MODELS = tuple(CNN_WIDTHS)
 Count = Callable[[int], None] | None
+FP32_MAX = float(torch.finfo(torch.float32).max)  # a larger lr overflows torch's (non-fused) fp32 SGD step
 
 
 # --- losses ----------------------------------------------------------------------------------------
 
-def kl_div(target_logits: torch.Tensor, logits: torch.Tensor, reduction: str) -> torch.Tensor:
-    """KL(softmax(target) || softmax(logits)); ``batchmean`` = per-sample KL averaged over the batch,
-    ``elementwise`` = torch's "mean" (divided by batch x classes, the reference codes' default)."""
+def kl_elementwise_mean(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)) with torch's "mean" reduction, as ``nn.KLDivLoss()`` in both
+    reference codes: the sum over batch and classes divided by batch x classes."""
     total = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(target_logits, dim=1), reduction="sum",
                      log_target=True)
-    # written out: torch warns that its "mean" will change to mean "batchmean"
-    return total / (logits.shape[0] if reduction == "batchmean" else logits.numel())
+    return total / logits.numel()  # written out: torch warns that its "mean" will become "batchmean"
 
 
 def fedkd_losses(logits_t: torch.Tensor, h_t: torch.Tensor, logits_s: torch.Tensor, proj_h_s: torch.Tensor,
-                 y: torch.Tensor, kl: str = "batchmean") -> tuple[torch.Tensor, torch.Tensor]:
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_t, L_s): mentor (teacher, t) and mentee (student, s) losses of spec C.8.
 
     ``proj_h_s`` is W_h applied to the mentee's representation; nothing is detached.
@@ -82,9 +96,18 @@ def fedkd_losses(logits_t: torch.Tensor, h_t: torch.Tensor, logits_s: torch.Tens
     ce_s = F.cross_entropy(logits_s, y)
     task = ce_t + ce_s
     hidden = F.mse_loss(h_t, proj_h_s) / task
-    l_t = ce_t + kl_div(logits_s, logits_t, kl) / task + hidden
-    l_s = ce_s + kl_div(logits_t, logits_s, kl) / task + hidden
+    l_t = ce_t + kl_elementwise_mean(logits_s, logits_t) / task + hidden
+    l_s = ce_s + kl_elementwise_mean(logits_t, logits_s) / task + hidden
     return l_t, l_s
+
+
+def clip_per_module(groups: list[list[torch.Tensor]], max_norm: float) -> None:
+    """``clip_grad_norm_(group, max_norm)`` for each group on its own (HtFLlib: mentor, mentee, W_h);
+    ``max_norm`` 0 leaves the gradients as they are."""
+    if max_norm <= 0:
+        return
+    for params in groups:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
 
 
 # --- truncated-SVD compression -------------------------------------------------------------------------
@@ -127,11 +150,13 @@ def factor_numel(code) -> int:
 
 def compress_tensor(t: torch.Tensor, energy: float, count: Count = None, conv_svd: str = "per-position",
                     dense_fallback: bool = True):
-    """Code of one tensor: the dense tensor (ndim < 2), a factor pair (matrix), or for a 4-D conv
-    weight one factor pair per kernel position (``per-position``) or one for the out x (in*kh*kw)
-    matrix (``flatten``). With ``dense_fallback`` the dense tensor is sent when it is not larger."""
+    """Code of one tensor: the dense tensor (ndim < 2, or not finite), a factor pair (matrix), or for a
+    4-D conv weight one factor pair per kernel position (``per-position``) or one for the out x
+    (in*kh*kw) matrix (``flatten``). With ``dense_fallback`` the dense tensor is sent when it is not
+    larger."""
     t = t.detach()
-    if t.dim() < 2:
+    if t.dim() < 2 or not bool(torch.isfinite(t).all()):
+        # a diverged update (inf/NaN) has no SVD: it travels dense, as any method's NaN model would
         return t.clone()
     if t.dim() == 2:
         code = svd_factors(t, energy, count)
@@ -185,10 +210,10 @@ class FedKD(Method):
                                                "or the mentee parameters (HtFLlib's variant)",
                                      choices=("update", "params"), marker="reconstruction")
         mentee_lr: float = hparam(0.01, "FedKD: learning rate of the mentee (mentor and W_h use --lr)",
-                                  low=0.0, low_open=True, marker="code: HtFLlib tuned script")
-        fedkd_kl: str = hparam("batchmean", "FedKD: KL reduction, per-sample (batchmean) or torch's element-wise "
-                                            "mean (both reference codes)", choices=("batchmean", "elementwise"),
-                               marker="reconstruction")
+                                  low=0.0, low_open=True, high=FP32_MAX, marker="code: HtFLlib tuned script")
+        fedkd_clip: float = hparam(10.0, "FedKD: gradient-norm clip applied to the mentor, the mentee and W_h "
+                                         "separately, instead of the run's --clip (0 = off, as wuch15/FedKD)",
+                                   low=0.0, marker="code: TsingZ0/HtFLlib")
         fedkd_conv_svd: str = hparam("per-position", "FedKD: SVD of a conv weight, one out x in matrix per kernel "
                                                      "position or one out x (in*kh*kw) matrix",
                                      choices=("per-position", "flatten"), marker="reconstruction")
@@ -205,7 +230,8 @@ class FedKD(Method):
     def label(cls, p) -> str:
         mode = "update" if p.fedkd_compress == "update" else "params (HtFLlib variant, deviates from the original)"
         return (f"FedKD (mentee={p.shared_model}, T={p.energy_start}->{p.energy_end}, compress={mode}, "
-                f"mentee-lr={p.mentee_lr}, KL {p.fedkd_kl}, conv-svd={p.fedkd_conv_svd}"
+                f"mentee-lr={p.mentee_lr}, KL element-wise mean, "
+                f"clip {f'{p.fedkd_clip} per module' if p.fedkd_clip > 0 else 'off'}, conv-svd={p.fedkd_conv_svd}"
                 f"{'' if p.fedkd_dense_fallback else ', no dense fallback'})")
 
     def mentee_spec(self):
@@ -239,11 +265,16 @@ class FedKD(Method):
         opt = client.optimizer(mentor.parameters())
         opt.add_param_group({"params": list(w_h.parameters())})
         opt.add_param_group({"params": list(mentee.parameters()), "lr": self.hp.mentee_lr})
+        modules = [list(m.parameters()) for m in (mentor, mentee, w_h)]
         for x, y in client.batches(self.run.epochs):
             logits_t, h_t = mentor(x)
             logits_s, h_s = mentee(x)
-            l_t, l_s = fedkd_losses(logits_t, h_t, logits_s, w_h(h_s), y, self.hp.fedkd_kl)
-            client.step(opt, l_t + l_s)  # one backward = HtFLlib's two accumulated backward passes
+            l_t, l_s = fedkd_losses(logits_t, h_t, logits_s, w_h(h_s), y)
+            # not client.step: the clip is per module (HtFLlib), not the run's one norm over all parameters
+            opt.zero_grad(set_to_none=True)
+            (l_t + l_s).backward()  # one backward = HtFLlib's two accumulated backward passes
+            clip_per_module(modules, self.hp.fedkd_clip)
+            opt.step()
         with torch.no_grad():
             trained = snapshot(mentee)
             target = {k: trained[k] - m0[k] for k in m0} if self.hp.fedkd_compress == "update" else trained
@@ -278,6 +309,3 @@ class FedKD(Method):
         else:
             for k, v in decompress(broadcast["params"], self._shapes(party), count).items():
                 params[k].copy_(v)
-
-    def predict(self, client, x):
-        return client.module("model")(x)[0]

@@ -1,26 +1,32 @@
 """FedProto (Tan et al., AAAI'22) in the HtFLlib form (spec C.6).
 
 Algorithm (per round; P_bar the global prototypes, h = fc2 output, 500-d):
-    client k (selected), given P_bar (none before the first aggregation):
+    client k (selected), with the P_bar it holds (none before the first aggregation):
         E epochs over its data:  L = CE(fc3(h), y) + lam * MSE(h, P_bar_y)
             a sample whose class has no global prototype contributes 0 to the MSE term
             (HtFLlib puts the sample's own detached h there; the mean still runs over the batch)
         P_{k,c} = mean of h over the samples of class c
             during: accumulated over all batches of all local epochs (HtFLlib; a drifting model)
             after:  one extra forward pass over the local training data once training is done
-        upload {c: P_{k,c}} for the seen classes, class ids as int64
+        upload {c: P_{k,c}} for the seen classes: seen x 500 floats and seen class ids in the smallest
+            integer type that holds K (uint8 for K <= 256: 1 byte each)
     server:
         P_bar_c = mean over the participants holding c of P_{k,c}
             uniform (HtFLlib) or weighted by the class sample counts n_{k,c} (count)
-        broadcast {c: P_bar_c} for the classes some participant holds this round
+        broadcast {c: P_bar_c} for the classes some participant holds this round (m classes:
+            m x 500 floats + m class ids) to **every** client (``push = "all"``); each client replaces
+            the prototypes it holds with them
     inference:
-        nearest-proto: the class of the nearest global prototype (squared distance; HtFLlib's MSE
-            gives the same argmin), the head ignored; undefined until the client holds prototypes
+        nearest-proto: the class of the nearest prototype the client holds, i.e. the latest global
+            ones (squared distance; HtFLlib's MSE gives the same argmin), the head ignored
         head: fc3(h), the local model
 
-Prototypes go to the participants at the start of their round (``push = "selected"``); a client
-keeps the last global prototypes it received for inference, and is "undefined" before it has any
-(HtFLlib reports 0 % there; fedbench stores undefined, spec A.5).
+As HtFLlib, the server sends the new prototypes to all clients after each aggregation and evaluation
+uses them, so after round t every client (selected or not) predicts with round t's aggregate and
+trains with it when next selected; the download bytes are counted for every client each round. Before
+the first aggregation there are no prototypes: nearest-proto prediction is "undefined" (HtFLlib
+reports 0 % there; fedbench stores undefined, spec A.5), which only an evaluation before round 1's
+aggregation (``--eval-initial``) can see.
 
 Defaults: lam = 1.0 is HtFLlib's parser default; HtFLlib's tuned example script uses lam = 10.
 """
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from fedbench.hparams import hparam
+from fedbench.metering.comm import class_id_dtype
 from fedbench.methods.base import Method
 from fedbench.models.cnn import REP_DIM
 
@@ -54,15 +61,16 @@ class ClassMeans:
         self.sums += onehot.to(v.dtype).T @ v.detach()
         self.counts += onehot.sum(0)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(class ids int64, per-class means, sample counts) over the classes seen."""
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class ids int64, per-class means) over the classes seen (ids go on the wire as
+        :func:`fedbench.metering.comm.class_id_dtype`)."""
         seen = self.counts.nonzero().squeeze(1)
-        n = self.counts[seen]
-        return seen, self.sums[seen] / n[:, None].to(self.sums.dtype), n
+        return seen, self.sums[seen] / self.counts[seen, None].to(self.sums.dtype)
 
 
 def dense(classes: torch.Tensor, rows: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (K, d) table and a (K,) mask from class ids and their rows."""
+    """A (K, d) table and a (K,) mask from class ids (any integer dtype) and their rows."""
+    classes = classes.long()
     table = torch.zeros(num_classes, rows.shape[1], dtype=rows.dtype, device=rows.device)
     mask = torch.zeros(num_classes, dtype=torch.bool, device=rows.device)
     table[classes] = rows
@@ -87,17 +95,18 @@ def aggregate_protos(uploads: list[dict], num_classes: int, weight: str) -> dict
     sums = torch.zeros(num_classes, first.shape[1], dtype=first.dtype, device=first.device)
     norm = torch.zeros(num_classes, dtype=first.dtype, device=first.device)
     for u in uploads:
-        w = u["counts"].to(first.dtype) if weight == "count" else torch.ones_like(u["classes"], dtype=first.dtype)
-        sums[u["classes"]] += w[:, None] * u["protos"]
-        norm[u["classes"]] += w
+        ids = u["classes"].long()
+        w = u["counts"].to(first.dtype) if weight == "count" else torch.ones_like(ids, dtype=first.dtype)
+        sums[ids] += w[:, None] * u["protos"]
+        norm[ids] += w
     present = norm.nonzero().squeeze(1)
-    return {"classes": present, "protos": sums[present] / norm[present, None]}
+    return {"classes": present.to(class_id_dtype(num_classes)), "protos": sums[present] / norm[present, None]}
 
 
 class FedProto(Method):
     paper = "Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022"
     heterogeneous = True
-    push = "selected"
+    push = "all"
 
     @dataclass
     class Params:
@@ -122,11 +131,14 @@ class FedProto(Method):
         super().__init__(params, run)
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # client -> last (P_bar, mask) received
 
+    def receive(self, client, broadcast):
+        """Every client, after each aggregation: the prototypes it holds become the latest global ones."""
+        self.held[client.id] = dense(broadcast["classes"], broadcast["protos"], self.run.num_classes)
+
     def client_update(self, client, broadcast):
+        # push = "all": the latest prototypes were installed by receive() (none before the first aggregation)
         K, hp = self.run.num_classes, self.hp
         model = client.module("model")
-        if broadcast is not None:
-            self.held[client.id] = dense(broadcast["classes"], broadcast["protos"], K)
         protos, has_proto = self.held.get(client.id, (None, None))
 
         opt = client.optimizer(model.parameters())
@@ -141,11 +153,10 @@ class FedProto(Method):
                 for x, y in client.batches(1, augment=False, shuffle=False, count=False):
                     acc.add(model.features(x), y)
 
-        classes, means, counts = acc.result()
-        up = {"classes": classes, "protos": means}
-        if hp.proto_weight == "count":
-            # the server needs n_{k,c}; 'during' saw each sample once per epoch
-            up["counts"] = counts // (self.run.epochs if hp.proto_collect == "during" else 1)
+        classes, means = acc.result()
+        up = {"classes": classes.to(class_id_dtype(K)), "protos": means}
+        if hp.proto_weight == "count":  # the server needs n_{k,c}: the client's training samples of class c
+            up["counts"] = client.label_counts[classes.cpu()].to(client.device)
         return up
 
     def server_update(self, server, uploads):

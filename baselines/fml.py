@@ -10,7 +10,7 @@ Each client k holds its private heterogeneous model f_k and a copy m of the shar
     upload m
 server:
     m = (1/|S|) sum_k m_k          (unweighted mean, as HtFLlib and the original code)
-evaluation: f_k alone.
+evaluation: f_k alone (the default predict of Method: the client's "model").
 
 In each KL the first argument is the *other* model's output, used as a detached target, and the KL
 is averaged per sample ("batchmean"), as the original code (ZJU-DAI/Federated-Mutual-Learning) does;
@@ -101,6 +101,3 @@ class FML(Method):
         m = mean([u.payload for u in uploads])  # unweighted (spec C.7)
         load(server.module("meme"), m)
         return m
-
-    def predict(self, client, x):
-        return client.module("model")(x)[0]

@@ -3,14 +3,17 @@
 The original keeps lower layers local and averages the top layers with FedAvg. With heterogeneous
 CNN-1..5 the only shared-shape part is the head fc3 (500 -> K), so (HtFLlib):
 
+    server, before round 1: head = client 0's initial fc3, written into **every** client's fc3
     client k (selected): train the whole model (body and head) for E epochs with CE; upload fc3
     server: head = sum_k w_k fc3_k over the participants (w_k = n_k / sum n, --agg-weight)
             and write it into **every** client's fc3 (``push = "all"``, bytes counted for all clients)
     inference: the client's model, i.e. the global head on the local body, without re-tuning
 
-Evaluation follows the engine: after the head has been written, as HtFLlib evaluates at the start of
-the next round. There is no initial head: in round 1 each client starts from its own fc3 (HtFLlib
-sends the first head after the first aggregation).
+As HtFLlib, the server's head starts as a copy of client 0's initial head and is sent to all clients
+before the first round, so every client starts round 1 from the same head (fc3, 500 K + K numbers
+down to every client at round 1, counted like any download). Evaluation follows the engine: after
+the round's head has been written, as HtFLlib evaluates at the start of the next round, after its
+``send_parameters``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,15 @@ class LGFedAvg(Method):
     def label(cls, params) -> str:
         return "LG-FedAvg (global head fc3)"
 
+    def setup(self, server, clients):
+        self.first_client = clients[0]
+
+    def server_init(self, server):
+        # called after every client_init: the initial global head is client 0's (HtFLlib)
+        return snapshot(self.first_client.module("model").fc3)
+
     def client_update(self, client, broadcast):
+        # push = "all": the global head was written into fc3 by receive()
         model = client.module("model")
         opt = client.optimizer(model.parameters())
         for x, y in client.batches(self.run.epochs):

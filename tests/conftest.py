@@ -30,6 +30,17 @@ def make_sim(cfg) -> Simulation:
     return Simulation(cfg, build_federated_data(arrays, cfg, torch.device("cpu")), torch.device("cpu"))
 
 
+def own_class_guess(sim) -> float:
+    """The unweighted mean client accuracy of guessing without looking at the image: each client always
+    predicts the most frequent class of its own test split (about 50 % under a 2-class pathological
+    split). A smoke test that "learns" must beat this, not 1/K."""
+    shares = []
+    for c in sim.clients:
+        y = sim.data.labels[sim.data.index["test"][c.id]]
+        shares.append(torch.bincount(y).max().item() / len(y))
+    return sum(shares) / len(shares)
+
+
 @pytest.fixture
 def real_data_dir():
     for name in ("cifar10.npz",):

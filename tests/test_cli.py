@@ -56,6 +56,16 @@ BAD = [
     (["--partition", "shards"], "--partition (run) got 'shards'"),
     (["--models", "resnet"], "--models (run) got 'resnet'"),
     (["--rank", "0"], "--rank (method fedlora) must be >= 1, got 0"),
+    # FedLoRA's rank is bounded by the adapter's layers (a huge rank used to end in an allocation traceback)
+    (["--rank", "100000000"], "--rank 100000000 is out of range for --adapter head-lora on synthetic: 1 <= r <= 10 "
+                              "(min(500, K) = min(500, 10))"),
+    (["--rank", "11"], "--rank 11 is out of range for --adapter head-lora"),
+    (["--adapter", "small-cnn-decomp", "--rank", "501"], "--adapter small-cnn-decomp on synthetic: 1 <= r <= 500"),
+    (["--adapter", "small-cnn-dimred", "--rank", "100000000"], "--adapter small-cnn-dimred on synthetic: 1 <= r <= 500"),
+    (["--method", "fedkd", "--fedkd-clip", "-1"], "--fedkd-clip (method fedkd) must be >= 0.0, got -1.0"),
+    # a learning rate above the fp32 maximum overflows torch's (non-fused) SGD step
+    (["--method", "fedkd", "--mentee-lr", "1e39"], "--mentee-lr (method fedkd) must be <= 3.4028234663852886e+38"),
+    (["--method", "fedgh", "--server-lr", "1e39"], "--server-lr (method fedgh) must be <= 3.4028234663852886e+38"),
     (["--mu", "1.5"], "--mu (method fedlora) must be <= 1.0, got 1.5"),
     (["--mu", "-0.1"], "--mu (method fedlora) must be >= 0.0"),
     (["--fraction", "0"], "--fraction (run) must be > 0.0"),

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedbench.metering.comm import payload_bytes, payload_numel
+from fedbench.metering.comm import class_id_dtype, payload_bytes, payload_numel
 from fedbench.metering.flops import FlopMeter
 from fedbench.models.cnn import cnn_spec
 
@@ -18,6 +18,20 @@ def test_payload_bytes_exact():
     assert payload_bytes(None) == 0 and payload_bytes({}) == 0
     with pytest.raises(TypeError):
         payload_bytes({"x": 3.0})
+
+
+def test_class_id_dtype_is_the_smallest_that_holds_every_id():
+    cases = [(1, torch.uint8), (10, torch.uint8), (100, torch.uint8), (256, torch.uint8), (257, torch.int16),
+             (2**15, torch.int16), (2**15 + 1, torch.int32), (2**31, torch.int32), (2**31 + 1, torch.int64)]
+    for k, dt in cases:
+        assert class_id_dtype(k) == dt, k
+        info = torch.iinfo(dt)
+        assert info.max >= k - 1  # holds the largest id ...
+        smaller = [d for d in (torch.uint8, torch.int16, torch.int32) if torch.iinfo(d).bits < info.bits]
+        assert all(torch.iinfo(d).max < k - 1 for d in smaller)  # ... and no smaller type does
+    assert torch.tensor([255]).to(class_id_dtype(256)).long().item() == 255  # round trip of the top id
+    with pytest.raises(ValueError):
+        class_id_dtype(0)
 
 
 @pytest.mark.parametrize("i", range(5))

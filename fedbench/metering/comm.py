@@ -2,7 +2,7 @@
 
 A payload is a tensor, or a (nested) mapping or sequence of tensors, or None/empty. Anything else
 is refused, so that no method can smuggle state past the meter. Class ids and other index data
-count too: send them as integer tensors.
+count too: send them as integer tensors (class ids in :func:`class_id_dtype`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+
+_ID_DTYPES = ((torch.uint8, 255), (torch.int16, 2**15 - 1), (torch.int32, 2**31 - 1), (torch.int64, 2**63 - 1))
+
+
+def class_id_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds the class ids 0..num_classes-1 on the wire: uint8 up to 256
+    classes, then int16, int32, int64. Receivers convert back to int64 (``.long()``) before indexing:
+    a uint8 index tensor would be read as a boolean mask."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return next(dt for dt, top in _ID_DTYPES if num_classes - 1 <= top)
 
 
 def payload_bytes(payload) -> int:

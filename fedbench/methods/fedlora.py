@@ -21,13 +21,35 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.methods.base import Method, frozen, load, snapshot, weighted_mean
 from fedbench.models import adapters  # noqa: F401  (registers the adapter builders)
-from fedbench.models.cnn import ModuleSpec
+from fedbench.models.cnn import CNN_WIDTHS, REP_DIM, ModuleSpec
 from fedbench.registry import register_method
 
 ADAPTERS = ("head-lora", "small-cnn-dimred", "small-cnn-decomp")
+
+
+def max_rank(adapter: str, num_classes: int) -> tuple[int, str]:
+    """The largest meaningful --rank of an adapter design, and why.
+
+    head-lora: B A maps the 500-d h to K logits, so its rank is at most min(500, K); a larger r only
+    adds parameters. The small CNNs are CNN-5-shaped: dimred narrows CNN-5's FC widths (500) to r, and
+    decomp factors fc1 (800 -> 500), fc2 (500 -> 500) and fc3 (500 -> K) at one rank r, which no layer
+    can use beyond 500 = max_l min(d_in, d_out).
+    """
+    if adapter == "head-lora":
+        return min(REP_DIM, num_classes), f"min(500, K) = min(500, {num_classes})"
+    fc_width = CNN_WIDTHS["cnn5"][2]
+    if adapter == "small-cnn-dimred":
+        return fc_width, f"CNN-5's FC width {fc_width}, which dimred narrows"
+    return fc_width, f"max over fc1..fc3 of min(d_in, d_out) = {fc_width}"
+
+
+def phase1_loss(both: torch.Tensor, local: torch.Tensor, y: torch.Tensor, mu: float) -> torch.Tensor:
+    """L1 = (1 - mu) CE(f_k(x), y) + mu CE(f_k(x) (+) g(x), y), from the combined and the local logits."""
+    return (1 - mu) * F.cross_entropy(local, y) + mu * F.cross_entropy(both, y)
 
 
 @register_method("fedlora")
@@ -53,6 +75,13 @@ class FedLoRA(Method):
         eval_adapter: str = hparam("client", "adapter used by combined evaluation: the client's after phase 2, "
                                              "or the latest global one", choices=("client", "global"),
                                    marker="reconstruction")
+
+    @classmethod
+    def check_config(cls, p, cfg) -> None:
+        top, why = max_rank(p.adapter, cfg.num_classes)
+        if p.rank > top:
+            raise ConfigError(f"--rank {p.rank} is out of range for --adapter {p.adapter} on {cfg.dataset}: "
+                              f"1 <= r <= {top} ({why})")
 
     @classmethod
     def label(cls, p) -> str:
@@ -93,8 +122,7 @@ class FedLoRA(Method):
             opt = client.optimizer(model.parameters())
             for x, y in client.batches(e1):
                 both, local = self.combined(model, adapter, x)
-                loss = (1 - mu) * F.cross_entropy(local, y) + mu * F.cross_entropy(both, y)
-                client.step(opt, loss)
+                client.step(opt, phase1_loss(both, local, y, mu))
 
         opt = client.optimizer(adapter.parameters())  # phase 2: train g, f_k frozen (forward only)
         for x, y in client.batches(e2):
