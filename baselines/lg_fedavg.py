@@ -11,9 +11,9 @@ CNN-1..5 the only shared-shape part is the head fc3 (500 -> K), so (HtFLlib):
 
 As HtFLlib, the server's head starts as a copy of client 0's initial head and is sent to all clients
 before the first round, so every client starts round 1 from the same head (fc3, 500 K + K numbers
-down to every client at round 1, counted like any download). Evaluation follows the engine: after
-the round's head has been written, as HtFLlib evaluates at the start of the next round, after its
-``send_parameters``.
+down to every client at round 1, counted like any download). Evaluation is the protocol's: under
+``pfllib`` and ``round-end`` after the round's head has been written (HtFLlib evaluates at the start of
+the next round, after its ``send_parameters``), under ``yi`` with the head as the client trained it.
 """
 
 from __future__ import annotations
