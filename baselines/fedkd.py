@@ -73,7 +73,6 @@ from fedbench.methods.base import Method, mean, snapshot
 from fedbench.models.cnn import REP_DIM, cnn_spec, linear_spec
 
 Count = Callable[[int], None] | None
-FP32_MAX = float(torch.finfo(torch.float32).max)  # a larger lr overflows torch's (non-fused) fp32 SGD step
 
 
 # --- losses ----------------------------------------------------------------------------------------
@@ -210,7 +209,7 @@ class FedKD(Method):
                                                "or the mentee parameters (HtFLlib's variant)",
                                      choices=("update", "params"), marker="reconstruction")
         mentee_lr: float = hparam(0.01, "FedKD: learning rate of the mentee (mentor and W_h use --lr)",
-                                  low=0.0, low_open=True, high=FP32_MAX, marker="code: HtFLlib tuned script")
+                                  low=0.0, low_open=True, marker="code: HtFLlib tuned script")
         fedkd_clip: float = hparam(10.0, "FedKD: gradient-norm clip applied to the mentor, the mentee and W_h "
                                          "separately, instead of the run's --clip (0 = off, as wuch15/FedKD)",
                                    low=0.0, marker="code: TsingZ0/HtFLlib")

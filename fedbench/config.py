@@ -13,7 +13,7 @@ from fedbench import hparams
 from fedbench.data.partition import PARTITIONERS
 from fedbench.data.sources import DATASETS, TEXT_DATASETS, dataset_info
 from fedbench.data.transforms import AUGMENTATIONS
-from fedbench.errors import ConfigError, choice_error
+from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.models.cnn import MODEL_GROUPS
 
@@ -28,7 +28,6 @@ LEGACY_PROTOCOL = "round-end"  # the protocol of every run stored before protoco
 # --eval-protocol auto: the family's published comparison (MHPFL: the pFedLoRA authors' yi; federated LoRA:
 # round-end, the protocol of its reference report)
 FAMILY_PROTOCOL = {"mhpfl": "yi", "federated-lora": "round-end"}
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -245,9 +244,3 @@ def config_to_cli(cfg: RunConfig) -> str:
 def method_params_obj(cfg: RunConfig):
     cls = cfg.method_class()
     return cls.Params(**cfg.method_params)
-
-
-def check_choice(what: str, value: str, allowed) -> str:
-    if value not in allowed:
-        raise choice_error(what, value, allowed)
-    return value

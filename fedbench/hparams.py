@@ -12,6 +12,8 @@ from typing import Any
 
 from fedbench.errors import ConfigError
 
+FP32_MAX = 3.4028234663852886e38
+
 
 def hparam(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
            high: float | None = None, low_open: bool = False, high_open: bool = False,
@@ -70,6 +72,9 @@ def coerce(f: dataclasses.Field, value: Any, owner: str) -> Any:
             raise ConfigError(f"{name} ({owner}) must be a number, got {value!r}") from None
         if not math.isfinite(v):
             raise ConfigError(f"{name} ({owner}) must be finite, got {value!r}")
+        if abs(v) > FP32_MAX:  # every float option ends up in fp32 tensor arithmetic (lr, weight decay, ...)
+            raise ConfigError(f"{name} ({owner}) must be at most {FP32_MAX:.4g} in magnitude (the fp32 range), "
+                              f"got {value!r}")
     else:
         if not isinstance(value, str):
             raise ConfigError(f"{name} ({owner}) must be a string, got {value!r}")

@@ -52,6 +52,9 @@ def bad_data_dirs(tmp_path_factory):
 
 BAD = [
     (["--method", "fedlorra"], "unknown method 'fedlorra'; choose from:"),
+    (["--lr", "1e39"], "--lr (run) must be at most 3.403e+38"),
+    (["--weight-decay", "5e38", "--optimizer", "adamw"], "--weight-decay (run) must be at most"),
+    (["--eval-protocol", "fedlora"], "--eval-protocol (run) got 'fedlora'; choose from: auto, yi, pfllib, round-end"),
     (["--dataset", "mnist"], "--dataset (run) got 'mnist'; choose from: cifar10"),
     (["--partition", "shards"], "--partition (run) got 'shards'"),
     (["--models", "resnet"], "--models (run) got 'resnet'"),
@@ -64,8 +67,8 @@ BAD = [
     (["--adapter", "small-cnn-dimred", "--rank", "100000000"], "--adapter small-cnn-dimred on synthetic: 1 <= r <= 500"),
     (["--method", "fedkd", "--fedkd-clip", "-1"], "--fedkd-clip (method fedkd) must be >= 0.0, got -1.0"),
     # a learning rate above the fp32 maximum overflows torch's (non-fused) SGD step
-    (["--method", "fedkd", "--mentee-lr", "1e39"], "--mentee-lr (method fedkd) must be <= 3.4028234663852886e+38"),
-    (["--method", "fedgh", "--server-lr", "1e39"], "--server-lr (method fedgh) must be <= 3.4028234663852886e+38"),
+    (["--method", "fedkd", "--mentee-lr", "1e39"], "--mentee-lr (method fedkd) must be at most 3.403e+38"),
+    (["--method", "fedgh", "--server-lr", "1e39"], "--server-lr (method fedgh) must be at most 3.403e+38"),
     (["--mu", "1.5"], "--mu (method fedlora) must be <= 1.0, got 1.5"),
     (["--mu", "-0.1"], "--mu (method fedlora) must be >= 0.0"),
     (["--fraction", "0"], "--fraction (run) must be > 0.0"),

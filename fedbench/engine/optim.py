@@ -8,9 +8,6 @@ import math
 
 import torch
 
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
-
 
 class LocalOptimizer:
     def __init__(self, cfg, device: torch.device) -> None:

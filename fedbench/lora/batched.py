@@ -295,8 +295,3 @@ class JointTrainer:
             if self.own_heads:
                 m.head[0].copy_(self.W[c])
                 m.head[1].copy_(self.b[c])
-
-
-def padding_is_inert(A: torch.Tensor, B: torch.Tensor, rank: int) -> bool:
-    """True when the factors beyond ``rank`` (A's rows, B's columns) are exactly zero."""
-    return bool((A[..., rank:, :] == 0).all() and (B[..., rank:] == 0).all())

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -271,7 +270,3 @@ def credit_macs(client: Client, macs: int) -> None:
     """Count multiply-adds for ``client`` by name, also inside a :func:`joint_pass` (per-client work of a
     joint pass, such as its own adapters at its own rank)."""
     client._rt.meter.add(macs, who=client.id)
-
-
-def hparams_of(method_cls) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(method_cls.Params))
