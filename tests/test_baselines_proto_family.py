@@ -318,7 +318,8 @@ def test_smoke_learns_beyond_guessing_own_classes(method):
 # --- 5. FedProto evaluation ----------------------------------------------------------------------
 
 def test_fedproto_undefined_before_prototypes():
-    sim = make_sim(small_config(method="fedproto", rounds=1, fraction=0.6, eval_initial=True))
+    sim = make_sim(small_config(method="fedproto", rounds=1, fraction=0.6, eval_initial=True,
+                                eval_protocol="round-end"))
     for c in sim.clients:  # before the first aggregation nobody holds a prototype: undefined, not 0
         assert sim.evaluate(c) == (None, c.sizes["test"])
     r1 = sim.run_round(1)
@@ -326,6 +327,10 @@ def test_fedproto_undefined_before_prototypes():
     assert all(row.correct is not None for row in r1.rows)  # after round 1's aggregation: every client
     head = make_sim(small_config(method="fedproto", rounds=1, eval_initial=True, proto_infer="head"))
     assert all("initial_accuracy" in row.metrics for row in head.run_round(1).rows)
+    # yi evaluates right after local training, before round 1's aggregation: no prototype exists yet
+    yi = make_sim(small_config(method="fedproto", rounds=1, fraction=0.6, eval_protocol="yi")).run_round(1)
+    assert all((row.correct is None) == row.selected and (row.total is not None) == row.selected
+               for row in yi.rows)
 
 
 def test_fedproto_every_client_predicts_and_trains_with_the_latest_prototypes(monkeypatch):
