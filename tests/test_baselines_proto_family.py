@@ -329,8 +329,7 @@ def test_fedproto_undefined_before_prototypes():
     assert all("initial_accuracy" in row.metrics for row in head.run_round(1).rows)
     # yi evaluates right after local training, before round 1's aggregation: no prototype exists yet
     yi = make_sim(small_config(method="fedproto", rounds=1, fraction=0.6, eval_protocol="yi")).run_round(1)
-    assert all((row.correct is None) == row.selected and (row.total is not None) == row.selected
-               for row in yi.rows)
+    assert all(row.correct is None and (row.total is not None) == row.selected for row in yi.rows)
 
 
 def test_fedproto_every_client_predicts_and_trains_with_the_latest_prototypes(monkeypatch):
