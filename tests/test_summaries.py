@@ -355,3 +355,16 @@ def test_report_writes_fairness_and_names_the_summary(tmp_path, capsys):
     assert "2–4/4 (0–2 never evaluated)" in (out / "fairness.md").read_text()
     assert "summary" in (out / "accuracy.csv").read_text()
     assert info["runs"] == 2
+
+
+def test_line_panels_take_rows_concatenated_from_runs(tmp_path):
+    """Per-run curves concatenated keep repeated index labels (0..n per run), and a round may have no defined
+    accuracy (NaN: FedProto before prototypes under yi); the plot must not care."""
+    import pandas as pd
+
+    from fedbench.report.plots import _line_panels
+    a = pd.DataFrame({"round": [1, 2, 3], "accuracy": [float("nan"), 0.2, 0.3], "variant": "x", "setting": "s"})
+    b = pd.DataFrame({"round": [1, 2], "accuracy": [0.2, 0.4], "variant": "y", "setting": "s"})
+    c = pd.DataFrame({"round": [1, 2, 3], "accuracy": [0.3, 0.1, 0.2], "variant": "x", "setting": "s"})
+    (path,) = _line_panels(pd.concat([a, b, c]), "accuracy", "acc", tmp_path / "p.png")
+    assert path.exists()

@@ -22,6 +22,9 @@ def _save(fig, path: Path) -> Path:
 
 def _line_panels(long: pd.DataFrame, y: str, ylabel: str, path: Path) -> list[Path]:
     """One panel per setting: ``y`` against round, one line per variant with a band (sd) over seeds."""
+    # rows concatenated from runs repeat index labels (0..n per run); with an undefined (NaN) point seaborn's
+    # reindexing then fails
+    long = long.reset_index(drop=True)
     settings = list(dict.fromkeys(long["setting"]))
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False, sharey=True)
     for ax, s in zip(axes[0], settings, strict=True):
