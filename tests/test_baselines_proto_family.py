@@ -335,7 +335,7 @@ def test_fedproto_undefined_before_prototypes():
 def test_fedproto_every_client_predicts_and_trains_with_the_latest_prototypes(monkeypatch):
     import baselines.fedproto as fedproto_mod
     from baselines.fedproto import dense
-    sim = make_sim(small_config(method="fedproto", rounds=2, fraction=0.6))
+    sim = make_sim(small_config(method="fedproto", rounds=2, fraction=0.6, eval_protocol="round-end"))
     broadcasts, used = [], []
     orig_server, orig_loss = sim.method.server_update, fedproto_mod.fedproto_loss
 
