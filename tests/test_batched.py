@@ -252,9 +252,13 @@ def test_auto_does_not_batch_smollm2():
     """SmolLM2's joint pass was measured slower on the CPU (0.61x): auto leaves it one by one."""
     from types import SimpleNamespace
 
+    from fedbench.lm.models import CharLM, HFCausalLM
     from fedbench.methods.lora_family import FederatedLoRA
     pays = FederatedLoRA.batching_pays.fget
     linear = [SimpleNamespace(kind="linear")]
-    assert not pays(SimpleNamespace(targets=linear, hp=SimpleNamespace(backbone="smollm2")))
-    assert pays(SimpleNamespace(targets=linear, hp=SimpleNamespace(backbone="char-lm")))
-    assert not pays(SimpleNamespace(targets=[SimpleNamespace(kind="conv")], hp=SimpleNamespace(backbone="resnet")))
+
+    def method(targets, backbone):
+        return SimpleNamespace(targets=targets, server=SimpleNamespace(backbone=backbone))
+    assert not pays(method(linear, HFCausalLM.__new__(HFCausalLM)))
+    assert pays(method(linear, CharLM.__new__(CharLM)))
+    assert not pays(method([SimpleNamespace(kind="conv")], CharLM.__new__(CharLM)))

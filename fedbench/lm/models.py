@@ -90,6 +90,9 @@ class HFCausalLM(nn.Module):
     """A transformers causal LM as a fedbench backbone (``model`` is the ``AutoModelForCausalLM``)."""
 
     own_head = True
+    # the joint pass of all participants (--client-batching auto) does not pay: the tied 49,152-word head makes
+    # it memory-bound on the CPU (benchmarks/batched_round.py: SmolLM2 0.61x at 10 participants)
+    joint_pass_pays = False
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -291,11 +291,12 @@ class FederatedLoRA(Method):
     @property
     def batching_pays(self) -> bool:
         """``--client-batching auto`` uses the joint pass: linear adapters only (batched matmuls); convolution
-        adapters run one convolution per client segment, which was not faster on the CPU; and not on
-        SmolLM2, whose tied 49,152-word head makes the joint pass memory-bound (benchmarks/batched_round.py on
+        adapters run one convolution per client segment, which was not faster on the CPU; and not where the
+        backbone says it does not pay (``joint_pass_pays``: SmolLM2, whose tied 49,152-word head makes the
+        joint pass memory-bound) (benchmarks/batched_round.py on
         the 2-core CPU: ViT 1.30x / 1.19x and char-lm 1.24x / 1.08x faster at 10 / 50 participants, SmolLM2
         0.61x at 10)."""
-        return all(t.kind == "linear" for t in self.targets) and getattr(self.hp, "backbone", "") != "smollm2"
+        return all(t.kind == "linear" for t in self.targets) and getattr(self.server.backbone, "joint_pass_pays", True)
 
     def local_steps_of(self, client: Client) -> int:
         """Batches of one local training pass (``client.batches(epochs)``)."""
