@@ -33,12 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fedbench.config import EVAL_PROTOCOLS, LEGACY_PROTOCOL
 from fedbench.errors import ConfigError, choice_error
 
 FLOP_CONVENTION = "FLOPs = 2 x fvcore MACs (multiply-add = 2 FLOP); conv/linear only; backward per metering docs"
 
-PROTOCOLS = ("yi", "pfllib", "round-end")
-DEFAULT_PROTOCOL = "round-end"  # stored runs without the key were evaluated this way
+PROTOCOLS = EVAL_PROTOCOLS
+DEFAULT_PROTOCOL = LEGACY_PROTOCOL  # stored runs without the key were evaluated this way
 BY_PROTOCOL = "protocol"        # the value of an option that means "the run's protocol's convention"
 STATISTICS = ("last", "best", "last10", "val")
 POPULATIONS = ("all", "selected")
