@@ -482,6 +482,9 @@ def sweep_cmd(
     gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="ray: GPUs a run reserves, fractional "
                                                  "to share one (0.25: four runs per GPU; default 0)"),
     retries: int = typer.Option(2, "--retries", help="times a run whose worker or node died is tried again"),
+    co_evaluate: bool = typer.Option(True, "--co-evaluate/--no-co-evaluate", help="runs that differ only in "
+                                     "--eval-protocol share one training, evaluated under each protocol and "
+                                     "stored as separate runs (same results, one training's cost)"),
 ):
     """Run a grid of configs resumably: complete runs are skipped by config hash."""
     from fedbench.store import Store, check_results_path
@@ -567,9 +570,12 @@ def sweep_cmd(
         runner.close()
         raise
     todo = [j for j in jobs_list if j.state == "pending"]
+    from fedbench.config import training_key
+    trainings = len({training_key(j.cfg) for j in todo}) if co_evaluate else len(todo)
+    shared = f", {trainings} trainings (co-evaluated protocols share one)" if trainings < len(todo) else ""
     err.print(f"sweep {sw.name}: {len(jobs_list)} runs, {len(jobs_list) - len(todo)} already complete, "
-              f"{len(todo)} to run with {runner.describe()} ({runner.name})")
-    final = _sweep_with_progress(jobs_list, results, runner, sw.name, retries)
+              f"{len(todo)} to run{shared} with {runner.describe()} ({runner.name})")
+    final = _sweep_with_progress(jobs_list, results, runner, sw.name, retries, co_evaluate)
     failed = [j for j in final if j.state == "failed"]
     for j in failed:
         err.print(f"failed {j.run_id}: {j.error}", markup=False)
@@ -584,27 +590,32 @@ def sweep_cmd(
 SWEEP_STATES = ("done", "running", "waiting", "failed", "pending", "skipped", "elsewhere")
 
 
-def _sweep_with_progress(jobs_list, results, runner, name, retries):
+def _sweep_with_progress(jobs_list, results, runner, name, retries, co_evaluate=True):
     import time as _time
 
     from rich.live import Live
 
+    from fedbench.config import training_key
     from fedbench.sweep import execute_sweep
 
     start = _time.time()
+    keys = {id(j): training_key(j.cfg) if co_evaluate else j.run_id for j in jobs_list}
 
     def view(js):
         c = {s: sum(j.state == s for j in js) for s in SWEEP_STATES}
-        done_s = [j.seconds for j in js if j.state == "done"]
+        followers = {id(f) for j in js for f in j.followers}
+        done_s = [j.seconds for j in js if j.state == "done" and id(j) not in followers]  # per training
         eta = ""
-        if done_s:
-            left = c["pending"] + c["running"] + c["waiting"]
+        if done_s:  # trainings left: the running ones, and one per training key among those not started
+            left = sum(j.state == "running" and id(j) not in followers for j in js)
+            left += len({keys[id(j)] for j in js if j.state in ("pending", "waiting")})
             eta = f"  ETA {sum(done_s) / len(done_s) * left / max(1, runner.capacity()) / 60:.1f} min"
         counts = "  ".join(f"{s} {c[s]}" for s in SWEEP_STATES if c[s] or s in ("done", "running", "pending"))
         return f"sweep {name}: {counts}  elapsed {(_time.time() - start) / 60:.1f} min{eta}"
 
     with Live(view(jobs_list), console=err, refresh_per_second=2, transient=False) as live:
-        return execute_sweep(jobs_list, results, runner, name, retries, on_change=lambda js: live.update(view(js)))
+        return execute_sweep(jobs_list, results, runner, name, retries, on_change=lambda js: live.update(view(js)),
+                             co_evaluate=co_evaluate)
 
 
 @app.command("report")

@@ -223,6 +223,21 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     return make_config({**d, **mp})
 
 
+def training_key(cfg: RunConfig) -> str:
+    """What a run trains, its evaluation protocol left out: runs with one key train identically (evaluation
+    consumes no random stream), so one training can be evaluated under each of their protocols."""
+    d = json.loads(cfg.canonical_json())
+    d.pop("eval_protocol", None)
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def sibling_config(cfg: RunConfig, protocol: str) -> RunConfig:
+    """``cfg`` evaluated under ``protocol`` instead (checked as the user's own would be)."""
+    if protocol not in (*EVAL_PROTOCOLS, "auto"):
+        raise ConfigError(f"evaluation protocol {protocol!r}: expected one of auto, {', '.join(EVAL_PROTOCOLS)}")
+    return config_from_dict({**cfg.to_dict(), "eval_protocol": protocol})
+
+
 def config_to_cli(cfg: RunConfig) -> str:
     """The `fedbench run` command that reproduces ``cfg`` exactly, on any device: non-default options,
     and the device-dependent ones (DEVICE_DEFAULT_FIELDS) always."""

@@ -2,8 +2,9 @@
 
 A worker (a fresh process per run) simulates one run and sends its record as messages::
 
-    ("start", RunRecord header)   the run's identity, versions, device and client table
-    ("round", RoundResult)        each round as it ends
+    ("start", RunRecord header)   the run's identity, versions, device and client table (and, for a
+                                  co-evaluated job, those of its other protocols' runs in ``also``)
+    ("round", RoundResult)        each round as it ends (the other protocols' in ``also``)
     ("done", None)                or ("error", reason): the run itself failed (not retried)
 
 An executor hands runs to workers and the messages back to the driver (``poll``), adding
@@ -51,9 +52,10 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(e, ConfigError) else f"{type(e).__name__}: {text}"
 
 
-def perform(cfg_json: str, settings: RunSettings, emit, arrays=None) -> bool:
+def perform(cfg_json: str, settings: RunSettings, emit, arrays=None, also: tuple[str, ...] = ()) -> bool:
     """Simulate one run in this process, emitting its messages; True if it completed. ``arrays``: the
-    dataset (else loaded from ``settings.data_dir``)."""
+    dataset (else loaded from ``settings.data_dir``); ``also``: protocols the same training is evaluated
+    under too (co-evaluation: the header's ``also`` and each round's ``also`` carry their runs)."""
     try:
         import torch
 
@@ -67,7 +69,7 @@ def perform(cfg_json: str, settings: RunSettings, emit, arrays=None) -> bool:
                 register(read_partition_file(path))
         p = prepare(config_from_json(cfg_json), settings.data_dir, settings.device, arrays=arrays)
         simulate(p, lambda rec: emit(("start", rec)), lambda r: emit(("round", r)),
-                 prefetch=settings.prefetch_flag())
+                 prefetch=settings.prefetch_flag(), also_protocols=tuple(also))
     except Exception as e:
         traceback.print_exc()
         emit(("error", one_line(e)))
@@ -161,6 +163,8 @@ class LocalExecutor(Executor):
             cmd += ["--data-dir", s.data_dir]
         for path in s.partition_files:
             cmd += ["--partition-file", path]
+        if job.also_protocols():
+            cmd += ["--also-eval", ",".join(job.also_protocols())]
         log_path = self.log_dir / f"{job.run_id}.log"
         with open(log_path, "w" if job.attempt == 1 else "a") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

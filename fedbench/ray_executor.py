@@ -60,7 +60,7 @@ def _probe(address: str, timeout: float = 10.0) -> None:
         raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
-def _ray_run(cfg_json: str, arrays, settings: RunSettings):
+def _ray_run(cfg_json: str, arrays, settings: RunSettings, also: tuple[str, ...] = ()):
     """The Ray task: simulate one run, yielding its messages (fedbench/executors.py) as they come."""
     import queue
 
@@ -70,7 +70,7 @@ def _ray_run(cfg_json: str, arrays, settings: RunSettings):
 
     def work() -> None:
         try:
-            perform(cfg_json, settings, q.put, arrays)
+            perform(cfg_json, settings, q.put, arrays, also)
         except BaseException as e:  # perform reports Exceptions itself; anything else still ends the stream
             q.put(("error", one_line(e)))
 
@@ -150,7 +150,8 @@ class RayExecutor(Executor):
         return self._data[name]
 
     def submit(self, job) -> None:
-        gen = self._task.remote(job.cfg.canonical_json(), self._dataset(job.cfg.dataset), self.settings)
+        gen = self._task.remote(job.cfg.canonical_json(), self._dataset(job.cfg.dataset), self.settings,
+                                tuple(job.also_protocols()))
         self._gens[job.run_id] = gen
         threading.Thread(target=self._pump, args=(job, job.attempt, gen), daemon=True,
                          name=f"fedbench-ray-{job.run_id}").start()

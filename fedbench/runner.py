@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import fedbench
-from fedbench.config import RunConfig, method_params_obj
+from fedbench.config import RunConfig, method_params_obj, sibling_config
 from fedbench.data.sources import TEXT_DATASETS, Arrays, load_dataset
 from fedbench.engine.data import FederatedData, build_federated_data
 from fedbench.engine.simulation import RoundResult, Simulation, resolve_device
@@ -149,32 +149,42 @@ class RunRecord:
     clients: list[dict]
     rounds: list[RoundResult] = field(default_factory=list)
     worker: str = ""  # host:pid of the process that simulated it
+    also: list[RunRecord] = field(default_factory=list)  # co-evaluated runs (same training, another protocol)
 
     def header(self) -> RunRecord:
         """The record without its rounds (what a worker sends before the first round)."""
-        return dataclasses.replace(self, rounds=[])
+        return dataclasses.replace(self, rounds=[], also=[s.header() for s in self.also])
 
 
 def simulate(p: Prepared, on_start: Callable[[RunRecord], None] | None = None,
              on_round: Callable[[RoundResult], None] | None = None, prefetch: bool | None = None,
-             client_batching: str | None = None) -> RunRecord:
+             client_batching: str | None = None, also_protocols: tuple[str, ...] = ()) -> RunRecord:
     """Run the engine; ``on_start`` gets the record's header before the first round, ``on_round`` each
     round as it ends. Touches no store. ``prefetch``: the engine's batch prefetch (None: its default);
     ``client_batching``: auto | on | off (None: $FEDBENCH_CLIENT_BATCHING, else auto). Execution options
     change no result and are not part of the run's identity; the batching used is recorded with the
-    versions (``execution``)."""
+    versions (``execution``). ``also_protocols``: co-evaluation, the same training evaluated under these
+    protocols too, each a run of its own in ``rec.also`` (its id that of the config with that protocol;
+    its rounds in ``RoundResult.also``), recorded in ``execution`` as ``co_evaluated``."""
     sim = Simulation(p.cfg, p.data, p.device, prefetch=prefetch, backbone=p.backbone,
-                     client_batching=client_batching)
+                     client_batching=client_batching, also_protocols=also_protocols)
     provenance = {"backbone": p.backbone_info} if p.backbone_info else {}
     provenance["execution"] = {"client_batching": sim.client_batching}
+    if len(sim.protocols) > 1:  # the rounds' times are of one training shared by these protocols
+        provenance["execution"]["co_evaluated"] = list(sim.protocols)
     rec = RunRecord(p.run_id, p.cfg, p.label, p.arrays.digest, p.data.partition.digest(),
                     {**versions(), **provenance}, str(p.device), client_table(p, sim),
                     worker=f"{socket.gethostname()}:{os.getpid()}")
+    for q in sim.protocols[1:]:
+        cq = sibling_config(p.cfg, q)
+        rec.also.append(dataclasses.replace(rec, run_id=cq.run_hash(p.identity_digest), cfg=cq, rounds=[], also=[]))
     if on_start is not None:
         on_start(rec.header())
 
     def each(r: RoundResult) -> None:
         rec.rounds.append(r)
+        for sib in rec.also:
+            sib.rounds.append(r.also[sib.cfg.protocol])
         if on_round is not None:
             on_round(r)
 

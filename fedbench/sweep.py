@@ -183,6 +183,12 @@ class Job:
     seconds: float = 0.0
     attempt: int = 0
     seen_other: bool = False  # was found claimed by another process
+    # co-evaluation: pending runs that differ from this one only in their evaluation protocol, claimed
+    # with it and evaluated on its training (one worker); they share its state
+    followers: list[Job] = dataclasses.field(default_factory=list)
+
+    def also_protocols(self) -> tuple[str, ...]:
+        return tuple(f.cfg.protocol for f in self.followers)
 
 
 def plan(sweep: Sweep, store, data_dir) -> list[Job]:
@@ -203,7 +209,7 @@ def plan(sweep: Sweep, store, data_dir) -> list[Job]:
 
 
 def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, retries: int = 2,
-                  on_change=None, poll: float = 0.2, recheck: float = 1.0) -> list[Job]:
+                  on_change=None, poll: float = 0.2, recheck: float = 1.0, co_evaluate: bool = True) -> list[Job]:
     """Run the pending jobs through ``executor`` (fedbench/executors.py); this process alone writes the
     store, round by round as the workers' records come back.
 
@@ -212,10 +218,15 @@ def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, ret
     that process completes it; one whose owner died is taken over. A worker that dies without a last word
     (crash, killed, node lost) is retried up to ``retries`` times, then the run is recorded as failed with
     the reason; a run that fails by itself is recorded at once. The claims are heartbeaten from a thread
-    while the sweep runs and released if it stops early (the runs stay incomplete: restart resumes)."""
+    while the sweep runs and released if it stops early (the runs stay incomplete: restart resumes).
+
+    ``co_evaluate``: a claimed job takes with it the pending jobs that differ from it only in the evaluation
+    protocol (``config.training_key``) and whose claims it gets; one worker trains once and evaluates
+    under each protocol, and every run is stored as its own (the rows a run of that protocol alone stores:
+    tests/test_coevaluation.py). It changes no result, only the cost (one training instead of several)."""
     from collections import deque
 
-    from fedbench.config import config_to_cli
+    from fedbench.config import config_to_cli, training_key
     from fedbench.runner import persist_start
     from fedbench.store import ClaimLost, Store
 
@@ -231,16 +242,20 @@ def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, ret
 
     def end(job: Job, state: str, error: str = "") -> None:
         running.pop(job.run_id, None)
-        job.state, job.error = state, error
-        job.seconds = time.time() - job.started if job.started else 0.0
+        for j in (job, *job.followers):
+            j.state, j.error = state, error
+            j.seconds = time.time() - j.started if j.started else 0.0
 
     def launch(job: Job) -> None:
         job.attempt += 1
         job.state, job.started = "running", job.started or time.time()
+        for f in job.followers:
+            f.state, f.started, f.attempt = "running", job.started, job.attempt
         running[job.run_id] = job
         executor.submit(job)
 
-    def claim(job: Job) -> None:
+    def take(job: Job) -> bool:
+        """Claim ``job``'s run; True if it is ours to run now (else it ended or waits)."""
         got = store.claim(job.run_id)
         if got == "complete":
             end(job, "elsewhere")
@@ -252,33 +267,86 @@ def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, ret
             error = store.runs().set_index("run_id").loc[job.run_id, "error"]
             end(job, "failed", f"failed in another process: {error}")
         else:
-            launch(job)
+            return True
+        return False
+
+    def claim(job: Job) -> None:
+        if not take(job):
+            return
+        if co_evaluate:
+            key = training_key(job.cfg)
+            mates = [j for j in todo if j.cfg.protocol != job.cfg.protocol and training_key(j.cfg) == key]
+            for mate in mates:
+                todo.remove(mate)
+                if take(mate):
+                    job.followers.append(mate)
+        launch(job)
+
+    def members(job: Job) -> list[Job]:
+        return [job, *job.followers]
+
+    def drop(job: Job, follower: Job, state: str, error: str = "") -> None:
+        job.followers.remove(follower)
+        end(follower, state, error)
+
+    def write_followers(job: Job, write) -> None:
+        for f in list(job.followers):
+            try:
+                write(f)
+            except ClaimLost as e:  # this one was taken over: the others stay ours
+                drop(job, f, "elsewhere", str(e))
 
     def handle(job: Job, kind: str, payload) -> None:
         if kind == "start":
-            if payload.run_id != job.run_id:
+            sibs = {s.cfg.protocol: s for s in payload.also}
+            computed = [payload.run_id] + [getattr(sibs.get(f.cfg.protocol), "run_id", None) for f in job.followers]
+            bad = [got for j, got in zip(members(job), computed, strict=True) if got != j.run_id]
+            if bad:
                 executor.cancel(job)
-                error = f"the worker computed run id {payload.run_id}: its dataset differs from the driver's"
-                store.mark_failed(job.run_id, job.cfg, error)
+                error = f"the worker computed run id {bad[0]}: its dataset differs from the driver's"
+                for j in members(job):
+                    store.mark_failed(j.run_id, j.cfg, error)
                 end(job, "failed", error)
                 return
             persist_start(store, payload, config_to_cli(job.cfg), sweep_name)
-            store.log_event(job.run_id, "started", f"attempt {job.attempt} on {payload.worker} ({executor.name})")
+            where = f"attempt {job.attempt} on {payload.worker} ({executor.name})"
+            store.log_event(job.run_id, "started", where)
+
+            def start(f: Job) -> None:
+                persist_start(store, sibs[f.cfg.protocol], config_to_cli(f.cfg), sweep_name)
+                store.log_event(f.run_id, "started", f"{where}, co-evaluated with {job.run_id}")
+            write_followers(job, start)
         elif kind == "round":
             store.write_round(job.run_id, payload)
+            write_followers(job, lambda f: store.write_round(f.run_id, payload.also[f.cfg.protocol]))
         elif kind == "done":
             store.finish_run(job.run_id, "complete")
+            write_followers(job, lambda f: store.finish_run(f.run_id, "complete"))
             end(job, "done")
         elif kind == "error":
-            store.mark_failed(job.run_id, job.cfg, payload)
+            for j in members(job):
+                store.mark_failed(j.run_id, j.cfg, payload)
             end(job, "failed", payload)
         elif kind == "crash" and job.attempt <= retries:
-            store.log_event(job.run_id, "retry", payload)
+            for j in members(job):
+                store.log_event(j.run_id, "retry", payload)
             launch(job)
         else:  # a crash, the last attempt
             error = f"{payload} (attempt {job.attempt} of {retries + 1})"
-            store.mark_failed(job.run_id, job.cfg, error)
+            for j in members(job):
+                store.mark_failed(j.run_id, j.cfg, error)
             end(job, "failed", error)
+
+    def lost(job: Job, e: ClaimLost) -> None:
+        """The job's own run was taken over: stop the worker, hand its followers back to the queue."""
+        executor.cancel(job)
+        followers, job.followers = job.followers, []
+        end(job, "elsewhere", str(e))
+        for f in followers:
+            with contextlib.suppress(Exception):
+                store.release(f.run_id, "its co-evaluated run was taken over")
+            f.state, f.started, f.attempt = "pending", 0.0, 0
+            todo.append(f)
 
     try:
         with store.keep_alive():
@@ -297,15 +365,15 @@ def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, ret
                     try:
                         handle(job, kind, payload)
                     except ClaimLost as e:  # our lease went stale and another process took the run over
-                        executor.cancel(job)
-                        end(job, "elsewhere", str(e))
+                        lost(job, e)
                     if kind != "round":
                         changed()
     finally:
         for job in list(running.values()):
             executor.cancel(job)
-            with contextlib.suppress(Exception):
-                store.release(job.run_id, "sweep stopped")
+            for j in members(job):
+                with contextlib.suppress(Exception):
+                    store.release(j.run_id, "sweep stopped")
         executor.close()
         store.close()
     return jobs

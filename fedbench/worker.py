@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefetch", default="auto", choices=PREFETCH_CHOICES)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--partition-file", action="append", default=[], help="an imported partition (repeatable)")
+    ap.add_argument("--also-eval", default="", help="protocols the same training is evaluated under too (comma-separated)")
     a = ap.parse_args(argv)
     out = os.fdopen(a.fd, "wb")
 
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
         pickle.dump(msg, out, protocol=pickle.HIGHEST_PROTOCOL)
         out.flush()
 
-    ok = perform(a.config, RunSettings(a.device, a.threads, a.prefetch, a.data_dir, tuple(a.partition_file)), emit)
+    ok = perform(a.config, RunSettings(a.device, a.threads, a.prefetch, a.data_dir, tuple(a.partition_file)), emit,
+                 also=tuple(p for p in a.also_eval.split(",") if p))
     out.close()
     return 0 if ok else 1
 

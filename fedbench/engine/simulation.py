@@ -14,7 +14,9 @@ Per round t:
      through the method's ``view`` of its next download; ``round-end`` every client after the round as it
      stands), and the global model (where the method has one) on the union of the clients' test splits
      after the round. Evaluation consumes no random stream: the training of a run is the same under
-     every protocol.
+     every protocol, so one training can be evaluated under several (``also_protocols``, co-evaluation:
+     ``run_round`` returns the run's own protocol's ``RoundResult`` with the others' in ``also``, each the
+     rows a run of that protocol alone stores; tests/test_coevaluation.py).
 The engine's jobs are separate units with public interfaces, each replaceable (the speed suite swaps
 them): ``ModuleState`` (client/server tensors bound to workspace modules), ``BatchSource`` (batches),
 ``LocalOptimizer`` (optimiser, learning-rate schedule, clip), ``Evaluator``; this module is the round loop.
@@ -23,6 +25,7 @@ them): ``ModuleState`` (client/server tensors bound to workspace modules), ``Bat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -70,6 +73,7 @@ class RoundResult:
     evaluated: bool
     rows: list[ClientRow] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # round-level named metrics (server, global model)
+    also: dict[str, RoundResult] = field(default_factory=dict)  # co-evaluated protocols: their own results
 
     def accuracy(self) -> tuple[float | None, float | None]:
         """(unweighted mean of client accuracies, sample-weighted accuracy) over evaluated clients."""
@@ -104,6 +108,21 @@ def resolve_client_batching(choice: str | None, device: torch.device) -> str:
     return choice
 
 
+EVAL_SCOPE = "eval@"  # FLOP-meter kind of a client's evaluation under a protocol: eval@yi, eval@pfllib, ...
+
+
+def check_also_protocols(cfg: RunConfig, also: tuple[str, ...]) -> tuple[str, ...]:
+    """The protocols one training is evaluated under: the run's own, then ``also`` (each checked as the
+    run's config with that protocol would be: pfllib only for the MHPFL family); duplicates dropped."""
+    from fedbench.config import sibling_config
+    out = [cfg.protocol]
+    for p in also:
+        q = sibling_config(cfg, p).protocol
+        if q not in out:
+            out.append(q)
+    return tuple(out)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +136,8 @@ class Simulation:
     def __init__(self, cfg: RunConfig, data: FederatedData, device: torch.device,
                  prefetch: bool | None = None, *, backbone: nn.Module | None = None,
                  batches: BatchSource | None = None, optim: LocalOptimizer | None = None,
-                 evaluator: Evaluator | None = None, client_batching: str | None = None) -> None:
+                 evaluator: Evaluator | None = None, client_batching: str | None = None,
+                 also_protocols: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.client_batching = resolve_client_batching(client_batching, device)
         self.data = data
@@ -156,8 +176,10 @@ class Simulation:
         self.agg_n = np.array([n(c) for c in self.clients], dtype=np.float64)
         self.has_global_model = type(self.method).global_predict is not Method.global_predict
         self.protocol = cfg.protocol
+        self.protocols = check_also_protocols(cfg, also_protocols)  # the run's own first
         self._has_view = type(self.method).view is not Method.view
-        self._eval_s = 0.0
+        self._evals: dict[str, dict[int, dict]] = {}
+        self._eval_time: dict[str, float] = {}
 
     def _install_backbone(self, backbone: nn.Module) -> nn.Module:
         """The one frozen backbone all clients share: on the device, eval mode, no gradients, metered."""
@@ -245,7 +267,9 @@ class Simulation:
         uploads = []
         w = self.agg_n[selected] / self.agg_n[selected].sum()
         evaluated = t % cfg.eval_every == 0 or t == cfg.rounds
-        self._eval_s = 0.0
+        self._evals = {p: {} for p in self.protocols}
+        self._eval_time = dict.fromkeys(self.protocols, 0.0)
+        yi = evaluated and "yi" in self.protocols
         joint = self._joint(selected)
         if joint:
             self._joint_updates(selected, w, rows, uploads)
@@ -258,11 +282,11 @@ class Simulation:
                     up = method.client_update(c, down)
                 row.bytes_up += payload_bytes(up)
                 uploads.append(Upload(k, float(wk), up))
-                if evaluated and self.protocol == "yi":  # right after its local training, the model as trained
-                    self._evaluate_client(c, rows)
-        if joint and evaluated and self.protocol == "yi":
+                if yi:  # right after its local training, the model as trained
+                    self._evaluate_client(c, "yi")
+        if joint and yi:
             for k in selected:
-                self._evaluate_client(self.clients[k], rows)
+                self._evaluate_client(self.clients[k], "yi")
         with self.meter.scope("server", "train"):
             self.broadcast = method.server_update(self.server, uploads)
         if method.push == "all" and self.broadcast is not None:
@@ -273,11 +297,12 @@ class Simulation:
         self._sync()
         t1 = time.perf_counter()
         round_metrics = {**self._metrics.pop("round", {}), **initial}
-        in_training = self._eval_s  # yi's evaluations ran inside the training loop: their time is eval time
+        in_training = dict(self._eval_time)  # yi's evaluations ran inside the training loop: eval time
         if evaluated:
-            if self.protocol != "yi":  # every client, after the round (pfllib: through the broadcast's view)
-                for c in self.clients:
-                    self._evaluate_client(c, rows, view=self.protocol == "pfllib")
+            for p in self.protocols:  # every client, after the round (pfllib: through the broadcast's view)
+                if p != "yi":
+                    for c in self.clients:
+                        self._evaluate_client(c, p)
             if self.has_global_model:
                 with self.meter.scope("global", "eval"), self.compute():
                     correct, total = self.evaluator.global_model(method, self.server)
@@ -287,6 +312,7 @@ class Simulation:
         t2 = time.perf_counter()
         self._named_eval_metrics(round_metrics)
         macs = self.meter.take()
+        own_eval = {p: {} for p in self.protocols}  # protocol -> client -> its evaluations' MACs
         for (who, kind), v in macs.items():
             if who == "server":
                 continue
@@ -294,40 +320,71 @@ class Simulation:
                 round_metrics["global_eval_macs"] = round_metrics.get("global_eval_macs", 0) + v
             elif kind == "train":
                 rows[who].train_macs += v
-            else:
+            elif kind.startswith(EVAL_SCOPE):
+                own_eval[kind[len(EVAL_SCOPE):]][who] = v
+            else:  # shared by every protocol (--eval-initial)
                 rows[who].eval_macs += v
         for k in rows:
             rows[k].train_samples = int(self.batches.samples[k])
             rows[k].metrics = self._metrics.get(k, {})
         server_macs = sum(v for (who, _), v in macs.items() if who == "server")
-        return RoundResult(t, t2 - t0, t1 - t0 - in_training, t2 - t1 + in_training, server_macs, evaluated,
-                           list(rows.values()), round_metrics)
+        train_s = t1 - t0 - sum(in_training.values())
+        results = {}
+        for p in self.protocols:
+            # the time after training less the other protocols' evaluations, plus p's own during training:
+            # with one protocol exactly the round's evaluation time
+            eval_s = t2 - t1 - sum(s for q, s in self._eval_time.items() if q != p) + sum(
+                s for q, s in in_training.items() if q != p) + in_training[p]
+            prows = []
+            for k, r in rows.items():
+                e = self._evals[p].get(k)
+                prow = dataclasses.replace(r, eval_macs=r.eval_macs + own_eval[p].get(k, 0), metrics=dict(r.metrics))
+                if e is not None:
+                    prow.correct, prow.total = e["correct"], e["total"]
+                    prow.metrics.update(e["metrics"])
+                prows.append(prow)
+            results[p] = RoundResult(t, train_s + eval_s, train_s, eval_s, server_macs, evaluated, prows,
+                                     dict(round_metrics))
+        own = results.pop(self.protocol)
+        own.also = results
+        return own
 
-    def _evaluate_client(self, c: Client, rows: dict, view: bool = False) -> None:
-        """One client's evaluation at the protocol's moment: its test split (correct, total), and with
+    def _evaluate_client(self, c: Client, protocol: str) -> None:
+        """One client's evaluation at ``protocol``'s moment: its test split (correct, total), and with
         ``--eval-val`` its validation split (``val_correct``, ``val_total``), under yi also the batch-mean
-        accuracy (``acc_batch_mean``). ``view`` (pfllib): first the method's ``view`` of this client's
-        download of the current broadcast, undone afterwards (no bytes: a device of the protocol)."""
+        accuracy (``acc_batch_mean``); the evaluator's named metrics of the test split as they are, of the
+        validation split with ``test_`` renamed ``val_``. pfllib: first the method's ``view`` of this
+        client's download of the current broadcast, undone afterwards (no bytes: a device of the protocol)."""
         method, t0 = self.method, time.perf_counter()
         snap = None
-        with self.meter.scope(c.id, "eval"), self.compute():
-            if view and method.push != "all" and self._has_view and self.broadcast is not None:
+        res = {"correct": None, "total": None, "metrics": {}}
+        take = getattr(self.evaluator, "take_metrics", None)
+
+        def named(rename: str = "") -> None:
+            for name, v in ((take() if take is not None else {}).get(c.id) or {}).items():
+                res["metrics"][name.replace("test_", rename, 1) if rename else name] = v
+
+        with self.meter.scope(c.id, EVAL_SCOPE + protocol), self.compute():
+            if protocol == "pfllib" and method.push != "all" and self._has_view and self.broadcast is not None:
                 payload = method.download(self.server, c, self.broadcast)
                 snap = self.state.snapshot(("client", c.id))
                 method.view(c, payload)
-            rows[c.id].correct, rows[c.id].total = self.evaluate(c)
+            res["correct"], res["total"] = self.evaluate(c)
             batch_mean = self.evaluator.batch_mean
+            named()
             if self.cfg.eval_val:
                 vc, vt = self.evaluator.client(method, c, "val")
                 if vc is not None:
-                    self.report(c, "val_correct", vc)
-                self.report(c, "val_total", vt)
+                    res["metrics"]["val_correct"] = float(vc)
+                res["metrics"]["val_total"] = float(vt)
+                named("val_")
         if snap is not None:
             self.state.restore(snap)
-        if self.protocol == "yi" and batch_mean is not None and rows[c.id].correct is not None:
-            self.report(c, "acc_batch_mean", batch_mean)
+        if protocol == "yi" and batch_mean is not None and res["correct"] is not None:
+            res["metrics"]["acc_batch_mean"] = float(batch_mean)
+        self._evals[protocol][c.id] = res
         self._sync()
-        self._eval_s += time.perf_counter() - t0
+        self._eval_time[protocol] += time.perf_counter() - t0
 
     def _named_eval_metrics(self, round_metrics: dict, prefix: str = "") -> None:
         """Metrics the evaluator names (token loss, perplexity): per client, the global model's per round."""
