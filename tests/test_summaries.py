@@ -368,3 +368,18 @@ def test_line_panels_take_rows_concatenated_from_runs(tmp_path):
     c = pd.DataFrame({"round": [1, 2, 3], "accuracy": [0.3, 0.1, 0.2], "variant": "x", "setting": "s"})
     (path,) = _line_panels(pd.concat([a, b, c]), "accuracy", "acc", tmp_path / "p.png")
     assert path.exists()
+
+
+def test_a_field_stored_configs_leave_out_at_its_default_reads_as_the_default(tmp_path):
+    """fused_sgd is a late field: a config at its default (False) does not store it. The setting names
+    it False, beside the run that set it True (was: 'homogeneous', the federated-LoRA ranks' word)."""
+    store = Store(tmp_path / "s.sqlite")
+    rounds = [Round(1, [Row(c, True, correct=5, total=10) for c in range(2)])]
+    add_run(store, "plain", rounds, protocol="round-end")
+    add_run(store, "fused", rounds, protocol="round-end", fused_sgd=True)
+    cfg = json.loads(store.db.execute("SELECT config_json FROM runs WHERE run_id='plain'").fetchone()[0])
+    del cfg["fused_sgd"]  # as canonical_json stores it
+    store.db.execute("UPDATE runs SET config_json=? WHERE run_id='plain'", (json.dumps(cfg),))
+    store.db.commit()
+    df = frame(store)
+    assert sorted(df["setting"]) == ["fused_sgd=False", "fused_sgd=True"]

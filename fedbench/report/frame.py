@@ -17,6 +17,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from fedbench.config import CORE_FIELDS, LATE_FIELDS
 from fedbench.errors import ConfigError
 from fedbench.summary import (
     BY_PROTOCOL,
@@ -105,7 +106,9 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         curves[r["run_id"]] = curve
         metric_curves = {m: metric_wide[m].dropna() for m in REPORT_METRICS if m in metric_wide}
         n_rounds = max(int(rounds["round"].max()), 1) if len(rounds) else 1
-        row = {k: v for k, v in cfg.items() if k != "method_params"}
+        # fields stored configs leave out at their default (added after runs were first stored): the default
+        row = {k: CORE_FIELDS[k].default for k in LATE_FIELDS}
+        row.update({k: v for k, v in cfg.items() if k != "method_params"})
         row.update({f"hp_{k}": v for k, v in cfg["method_params"].items()})
         row[PROTOCOL_KEY] = proto
         row.update(
