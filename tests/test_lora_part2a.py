@@ -169,9 +169,12 @@ def _check_downloads_carry_missed_merges(sim, rounds, atol=2e-5):
     assert any(nonzero) and not all(nonzero)  # some downloads carried merges, round 1's none
 
 
+# one download mode per method in the default suite; the factored ones (same check, the slowest) nightly
 @pytest.mark.parametrize("method,kw", [("fedex-lora", dict(fedex_residual="dense")),
-                                       ("fedex-lora", dict(fedex_residual="factored")),
-                                       ("frlora", dict(frlora_download="factored")),
+                                       pytest.param("fedex-lora", dict(fedex_residual="factored"),
+                                                    marks=pytest.mark.slow),
+                                       pytest.param("frlora", dict(frlora_download="factored"),
+                                                    marks=pytest.mark.slow),
                                        ("frlora", dict(frlora_download="dense")),
                                        ("fedloru", dict(fedloru_period=2))])
 def test_downloads_carry_exactly_the_merges_the_client_missed(method, kw):
