@@ -570,8 +570,7 @@ def sweep_cmd(
         runner.close()
         raise
     todo = [j for j in jobs_list if j.state == "pending"]
-    from fedbench.config import training_key
-    trainings = len({training_key(j.cfg) for j in todo}) if co_evaluate else len(todo)
+    trainings = len({j.training_key for j in todo}) if co_evaluate else len(todo)
     shared = f", {trainings} trainings (co-evaluated protocols share one)" if trainings < len(todo) else ""
     err.print(f"sweep {sw.name}: {len(jobs_list)} runs, {len(jobs_list) - len(todo)} already complete, "
               f"{len(todo)} to run{shared} with {runner.describe()} ({runner.name})")
@@ -595,11 +594,9 @@ def _sweep_with_progress(jobs_list, results, runner, name, retries, co_evaluate=
 
     from rich.live import Live
 
-    from fedbench.config import training_key
     from fedbench.sweep import execute_sweep
 
     start = _time.time()
-    keys = {id(j): training_key(j.cfg) if co_evaluate else j.run_id for j in jobs_list}
 
     def view(js):
         c = {s: sum(j.state == s for j in js) for s in SWEEP_STATES}
@@ -608,7 +605,7 @@ def _sweep_with_progress(jobs_list, results, runner, name, retries, co_evaluate=
         eta = ""
         if done_s:  # trainings left: the running ones, and one per training key among those not started
             left = sum(j.state == "running" and id(j) not in followers for j in js)
-            left += len({keys[id(j)] for j in js if j.state in ("pending", "waiting")})
+            left += len({j.training_key if co_evaluate else j.run_id for j in js if j.state in ("pending", "waiting")})
             eta = f"  ETA {sum(done_s) / len(done_s) * left / max(1, runner.capacity()) / 60:.1f} min"
         counts = "  ".join(f"{s} {c[s]}" for s in SWEEP_STATES if c[s] or s in ("done", "running", "pending"))
         return f"sweep {name}: {counts}  elapsed {(_time.time() - start) / 60:.1f} min{eta}"

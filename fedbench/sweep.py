@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -187,6 +188,12 @@ class Job:
     # with it and evaluated on its training (one worker); they share its state
     followers: list[Job] = dataclasses.field(default_factory=list)
 
+    @functools.cached_property
+    def training_key(self) -> str:
+        """What the run trains (``config.training_key``): jobs with one key can share a training."""
+        from fedbench.config import training_key
+        return training_key(self.cfg)
+
     def also_protocols(self) -> tuple[str, ...]:
         return tuple(f.cfg.protocol for f in self.followers)
 
@@ -226,7 +233,7 @@ def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, ret
     tests/test_coevaluation.py). It changes no result, only the cost (one training instead of several)."""
     from collections import deque
 
-    from fedbench.config import config_to_cli, training_key
+    from fedbench.config import config_to_cli
     from fedbench.runner import persist_start
     from fedbench.store import ClaimLost, Store
 
@@ -274,8 +281,7 @@ def execute_sweep(jobs: list[Job], results: Path, executor, sweep_name: str, ret
         if not take(job):
             return
         if co_evaluate:
-            key = training_key(job.cfg)
-            mates = [j for j in todo if j.cfg.protocol != job.cfg.protocol and training_key(j.cfg) == key]
+            mates = [j for j in todo if j.cfg.protocol != job.cfg.protocol and j.training_key == job.training_key]
             for mate in mates:
                 todo.remove(mate)
                 if take(mate):

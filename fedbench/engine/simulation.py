@@ -329,12 +329,12 @@ class Simulation:
             rows[k].metrics = self._metrics.get(k, {})
         server_macs = sum(v for (who, _), v in macs.items() if who == "server")
         train_s = t1 - t0 - sum(in_training.values())
+        after = sum(s - in_training[q] for q, s in self._eval_time.items())  # clients' evaluations after t1
         results = {}
         for p in self.protocols:
-            # the time after training less the other protocols' evaluations, plus p's own during training:
-            # with one protocol exactly the round's evaluation time
-            eval_s = t2 - t1 - sum(s for q, s in self._eval_time.items() if q != p) + sum(
-                s for q, s in in_training.items() if q != p) + in_training[p]
+            # the time after training less every protocol's client evaluations there, plus p's own (during or
+            # after training): with one protocol exactly the round's evaluation time
+            eval_s = t2 - t1 - after + self._eval_time[p]
             prows = []
             for k, r in rows.items():
                 e = self._evals[p].get(k)
