@@ -380,6 +380,17 @@ def _grid_from_cli(base: list[str], axes: list[str]) -> dict:
     return doc
 
 
+def _only_from_cli(items: list[str]) -> dict[str, list]:
+    only: dict[str, list] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        values = [_parse_value(x.strip()) for x in v.split(",") if x.strip()]
+        if not sep or not k.strip() or not values:
+            raise ConfigError(f"--only {item!r}: expected KEY=V1,V2,...")
+        only.setdefault(k.strip(), []).extend(values)
+    return only
+
+
 def _sweep_partition_files(doc: dict, where: str) -> tuple[dict, dict]:
     """A sweep document whose ``partition_file`` keys (in [base], [axes], [[include]], [[exclude]]) are
     replaced by the files' ``partition_digest``, and the files read, by digest (registered for this
@@ -466,6 +477,8 @@ def sweep_cmd(
     file: Optional[Path] = typer.Argument(None, help="sweep TOML file (see fedbench/sweep.py for the format)"),
     base: list[str] = typer.Option([], "--base", help="KEY=VALUE for every run (repeatable; over the file's \\[base])"),
     axis: list[str] = typer.Option([], "--axis", help="KEY=V1,V2 axis (repeatable); paired: clients,fraction=10:1.0,50:0.2"),
+    only: list[str] = typer.Option([], "--only", help="KEY=V1,V2: keep only the runs (includes too) with one of these "
+                                   "values (repeatable; a slice of the grid, same run ids, e.g. clients=50)"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep name recorded with its runs"),
     results: Path = typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="runs at a time, each in its own process "
@@ -488,7 +501,7 @@ def sweep_cmd(
 ):
     """Run a grid of configs resumably: complete runs are skipped by config hash."""
     from fedbench.store import Store, check_results_path
-    from fedbench.sweep import parse_sweep, plan
+    from fedbench.sweep import parse_sweep, plan, select
 
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
@@ -527,6 +540,8 @@ def sweep_cmd(
         doc, where = _grid_from_cli(base, axis), "command line"
     doc, files = _sweep_partition_files(doc, where)
     sw = parse_sweep(doc, where, device_type or _device_type(device))
+    if only:
+        sw = select(sw, _only_from_cli(only))
     _check_sweep_partitions(sw, files, where, data_dir)
     if files and executor == "ray":
         raise ConfigError(f"{where}: partition_file runs with --executor local; --executor ray does not carry "
@@ -610,6 +625,16 @@ def _sweep_with_progress(jobs_list, results, runner, name, retries, co_evaluate=
         counts = "  ".join(f"{s} {c[s]}" for s in SWEEP_STATES if c[s] or s in ("done", "running", "pending"))
         return f"sweep {name}: {counts}  elapsed {(_time.time() - start) / 60:.1f} min{eta}"
 
+    if not err.is_terminal:  # a log file or a pipe: one line each time a run ends (a live line shows nothing)
+        ended = [None]
+
+        def log_line(js):
+            n = sum(j.state in ("done", "failed", "elsewhere") for j in js)
+            if n != ended[0]:
+                ended[0] = n
+                err.print(view(js), markup=False, highlight=False, soft_wrap=True)
+
+        return execute_sweep(jobs_list, results, runner, name, retries, on_change=log_line, co_evaluate=co_evaluate)
     with Live(view(jobs_list), console=err, refresh_per_second=2, transient=False) as live:
         return execute_sweep(jobs_list, results, runner, name, retries, on_change=lambda js: live.update(view(js)),
                              co_evaluate=co_evaluate)

@@ -158,6 +158,30 @@ def parse_sweep(doc: dict, where: str = "sweep", device_type: str | None = None)
     return Sweep(name, configs, dropped)
 
 
+def select(sw: Sweep, only: dict[str, list], where: str = "--only") -> Sweep:
+    """The runs of ``sw`` (product points and includes alike) whose option ``k`` is one of ``only[k]`` for
+    every key: a slice of a grid, with the run ids the whole grid gives them (to fill a grid in sittings).
+    A run whose method has no such option does not match."""
+    known = _all_option_names()
+    for k in only:
+        if _norm(k) not in known:
+            import difflib
+            close = difflib.get_close_matches(_norm(k), sorted(known), n=1)
+            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+            raise ConfigError(f"{where}: unknown option {k!r}{hint}")
+    missing = object()
+
+    def value(cfg: RunConfig, k: str):
+        k = _norm(k)
+        return getattr(cfg, k) if k in CORE_FIELDS else cfg.method_params.get(k, missing)
+
+    kept = [c for c in sw.configs if all(value(c, k) in vs for k, vs in only.items())]
+    if not kept:
+        wanted = " ".join(f"{k}={','.join(map(str, vs))}" for k, vs in only.items())
+        raise ConfigError(f"{where}: no run of sweep {sw.name!r} has {wanted}")
+    return Sweep(sw.name, kept, sw.dropped)
+
+
 def load_sweep(path: Path | str, device_type: str | None = None) -> Sweep:
     path = Path(path)
     try:

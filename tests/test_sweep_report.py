@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 
 import pytest
 
@@ -83,6 +84,33 @@ def test_bad_sweep_file_exits_2_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sweep", str(f), "--results", str(res)])
     assert e.value.code == 2 and "not valid TOML" in capsys.readouterr().err
+
+
+def test_only_keeps_a_slice_of_the_grid_with_its_ids(tmp_path, capsys):
+    from fedbench.sweep import select
+    sw = parse_sweep(tomllib.loads(GRID))
+    part = select(sw, {"seed": [1, 4], "method": ["fedlora", "fedavg"]})
+    assert [(c.method, c.seed) for c in part.configs] == [("fedlora", 1), ("fedlora", 4), ("fedavg", 1)]
+    assert all(any(c.canonical_json() == w.canonical_json() for w in sw.configs) for c in part.configs)
+    # a method option matches only where the method has it; includes are selected like product points
+    assert [c.method for c in select(sw, {"models": ["cnn5"]}).configs] == ["fedavg", "fedavg"]
+    assert {c.method for c in select(sw, {"rank": [8]}).configs} == {"fedlora"}
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    res = tmp_path / "r.sqlite"
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(grid), "--results", str(res), "--only", "seed=4,5", "--dry-run"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("2 runs") and all("--seed 4" in x or "--seed 5" in x for x in lines[:-1])
+    for bad, needle in ((["--only", "sed=1"], "unknown option 'sed' (did you mean seed?)"),
+                        (["--only", "seed=99"], "no run of sweep 'kill-test' has seed=99"),
+                        (["--only", "seed"], "--only 'seed': expected KEY=V1,V2")):
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", str(grid), "--results", str(res), *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not res.exists()
 
 
 def test_sweep_killed_with_sigkill_resumes_without_rerun(tmp_path):
@@ -168,3 +196,7 @@ def test_failed_run_is_recorded_and_sweep_goes_on(tmp_path):
     rows = _db(res).execute("SELECT status, error FROM runs ORDER BY status").fetchall()
     assert [s for s, _ in rows] == ["complete", "failed"]
     assert "min-size=2000" in rows[1][1]
+    # stderr is not a terminal here: a progress line each time a run ends (a live display would print nothing)
+    progress = [x for x in r.stderr.splitlines() if x.startswith("sweep g: done")]
+    assert len(progress) >= 2 and "done 1  running 0  failed 1  pending 0" in progress[-1], r.stderr
+    assert "elapsed" in progress[-1] and "ETA" in progress[-1]
