@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config
+from conftest import assert_trained_alike, small_config
 from torch import nn
 
 from fedbench.engine.simulation import Simulation, resolve_client_batching
@@ -215,11 +215,7 @@ def test_engine_batched_round_equals_one_by_one(case):
         for k in ("agg_deviation", "agg_deviation_abs"):
             if k in ra.metrics:
                 assert math.isclose(ra.metrics[k], rb.metrics[k], rel_tol=1e-3, abs_tol=1e-6)
-    moved = 0.0
-    for k, ts in a.state.tensors.items():
-        for x, y, s in zip(ts, b.state.tensors[k], start[k], strict=True):
-            torch.testing.assert_close(y, x, rtol=1e-4, atol=2e-6, msg=str(k))
-            moved = max(moved, (y - s).abs().max().item())
+        moved = assert_trained_alike(a, b, start)
     assert moved > 1e-3
 
 

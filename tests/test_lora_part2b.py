@@ -347,7 +347,8 @@ def test_raflora_on_the_engine_differs_from_flexlora_under_mixed_ranks_and_repor
     assert 0 < mb["energy_ratio_rmin"] <= 1 and 0 < ma["energy_ratio_rmin"] <= 1
     sa, sb, sc = _lora_state(a.server), _lora_state(b.server), _lora_state(c.server)
     assert any((sa[k] - sb[k]).abs().max() > 1e-5 for k in sa)
-    _assert_states_close(sa, sc, atol=1e-6)  # --raflora-weight data is FlexLoRA
+    # --raflora-weight data is FlexLoRA (float32 on two summation orders: 1.1e-6 apart on AMD EPYC, AVX-512)
+    _assert_states_close(sa, sc, atol=3e-6)
 
 
 # --- bad input and the 5-round smoke runs ------------------------------------------------------------

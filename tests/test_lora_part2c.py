@@ -439,8 +439,9 @@ def test_fltac_with_one_task_is_fedit():
     assert rb.metrics["fltac_clusters"] == 1.0 and rb.metrics["fltac_cluster_acc"] == 1.0
     ad, agg = a.server.module("lora"), b.method.clusters[0]
     for k, mod in ad.lora_A.items():
-        torch.testing.assert_close(agg["A"][k], mod.weight, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(agg["B"][k], ad.lora_B[k].weight, rtol=1e-5, atol=1e-7)
+        # two code paths, two rounds of AdamW: up to 1.7e-6 apart on AMD EPYC (AVX-512); a wrong weight ~1e-2
+        torch.testing.assert_close(agg["A"][k], mod.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(agg["B"][k], ad.lora_B[k].weight, rtol=1e-4, atol=1e-5)
 
 
 def test_task_agnostic_inference_rules():
