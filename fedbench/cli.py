@@ -626,12 +626,13 @@ def _sweep_with_progress(jobs_list, results, runner, name, retries, co_evaluate=
         return f"sweep {name}: {counts}  elapsed {(_time.time() - start) / 60:.1f} min{eta}"
 
     if not err.is_terminal:  # a log file or a pipe: one line each time a run ends (a live line shows nothing)
-        ended = [None]
+        ended = None
 
         def log_line(js):
+            nonlocal ended
             n = sum(j.state in ("done", "failed", "elsewhere") for j in js)
-            if n != ended[0]:
-                ended[0] = n
+            if n != ended:
+                ended = n
                 err.print(view(js), markup=False, highlight=False, soft_wrap=True)
 
         return execute_sweep(jobs_list, results, runner, name, retries, on_change=log_line, co_evaluate=co_evaluate)

@@ -70,6 +70,15 @@ def _method_options(method: str) -> set[str]:
     return {f.name for f in dataclasses.fields(get_method(method).Params)}
 
 
+def _check_option(k: str, known: set[str], where: str) -> None:
+    """ConfigError (one line, with the closest known name) unless ``k`` is an option of some method."""
+    if _norm(k) not in known:
+        import difflib
+        close = difflib.get_close_matches(_norm(k), sorted(known), n=1)
+        hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+        raise ConfigError(f"{where}{hint}")
+
+
 def parse_sweep(doc: dict, where: str = "sweep", device_type: str | None = None) -> Sweep:
     """Expand a parsed sweep document; raise ConfigError (one line) on anything wrong."""
     unknown = sorted(set(doc) - set(SECTIONS))
@@ -86,11 +95,7 @@ def parse_sweep(doc: dict, where: str = "sweep", device_type: str | None = None)
     known = _all_option_names()
 
     def check_key(k: str, section: str) -> None:
-        if _norm(k) not in known:
-            import difflib
-            close = difflib.get_close_matches(_norm(k), sorted(known), n=1)
-            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
-            raise ConfigError(f"{where}: unknown option {k!r} in [{section}]{hint}")
+        _check_option(k, known, f"{where}: unknown option {k!r} in [{section}]")
 
     for k in base:
         check_key(k, "base")
@@ -164,11 +169,7 @@ def select(sw: Sweep, only: dict[str, list], where: str = "--only") -> Sweep:
     A run whose method has no such option does not match."""
     known = _all_option_names()
     for k in only:
-        if _norm(k) not in known:
-            import difflib
-            close = difflib.get_close_matches(_norm(k), sorted(known), n=1)
-            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
-            raise ConfigError(f"{where}: unknown option {k!r}{hint}")
+        _check_option(k, known, f"{where}: unknown option {k!r}")
     missing = object()
 
     def value(cfg: RunConfig, k: str):
