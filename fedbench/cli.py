@@ -6,6 +6,7 @@ work starts and before the results store is touched.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -16,6 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from fedbench import hparams
 from fedbench.config import CORE_FIELDS, make_config
@@ -26,7 +28,7 @@ try:  # typer >= 0.2x vendors click; older typer depends on it
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(no_args_is_help=True,
                   help="Benchmark model-heterogeneous personalized federated learning: accuracy, exact bytes, FLOPs.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets and partitions.")
 app.add_typer(data_app, name="data")
@@ -60,15 +62,28 @@ def _metavar(f) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}[t]
 
 
-def _option_param(name: str, f, help_text: str) -> inspect.Parameter:
+def _completer(values):
+    """Shell completion of an option's value: the given values starting with what is typed."""
+    values = [str(v) for v in values]
+    return lambda incomplete: [v for v in values if v.startswith(incomplete)]
+
+
+def _option_param(name: str, f, help_text: str, panel: str | None = None) -> inspect.Parameter:
     opt = hparams.option_name(name)
     if hparams.field_type(f) is bool:
         flag = f"{opt}/--no-{opt[2:]}"
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
-                                 default=typer.Option(None, flag, help=help_text, show_default=False))
+                                 default=typer.Option(None, flag, help=help_text, show_default=False,
+                                                      rich_help_panel=panel))
+    if name == "method":
+        from fedbench.registry import methods
+        choices = tuple(methods())
+    else:
+        choices = f.metadata.get("choices")
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                              default=typer.Option(None, opt, help=help_text, metavar=_metavar(f),
-                                                  show_default=False))
+                                                  show_default=False, rich_help_panel=panel,
+                                                  autocompletion=_completer(choices) if choices else None))
 
 
 def _core_help(f) -> str:
@@ -79,11 +94,31 @@ def _core_help(f) -> str:
     return f"{f.metadata['help']} (default: {f.default})"
 
 
-def _method_options() -> dict[str, tuple]:
-    """Union of every registered method's hyper-parameters: name -> (field, [(method, default)])."""
-    from fedbench.registry import methods
+# The panels of `fedbench run --help` (typer's rich_help_panel). Every run option is in one of them
+# (tests/test_cli.py checks); --method and --seed stay in the first panel, "Options".
+RUN_PANELS = {
+    "Data and partition": ("dataset", "partition", "classes_per_client", "share_low", "alpha", "min_size",
+                           "val_fraction", "partition_file", "partition_digest", "data_dir", "seq_len",
+                           "test_fraction", "min_role_lines"),
+    "Federation": ("clients", "fraction", "rounds", "models", "same_init", "agg_weight"),
+    "Local training": ("epochs", "local_steps", "batch_size", "optimizer", "lr", "lr_schedule", "lr_min",
+                       "momentum", "weight_decay", "clip", "augment"),
+    "Evaluation": ("eval_protocol", "eval_every", "eval_val", "eval_initial", "eval_batch_size"),
+    "Execution": ("device", "precision", "channels_last", "fused_sgd", "client_batching", "results", "force",
+                  "json_out", "quiet"),
+}
+FIRST_PANEL_OPTIONS = ("method", "seed")
+PANEL_OF = {name: panel for panel, names in RUN_PANELS.items() for name in names}
+ADAPTER_PANEL = "Backbone and adapters (every federated-LoRA method)"
+
+
+def _method_options(only: str | None = None) -> dict[str, tuple]:
+    """Hyper-parameters of every registered method (or of method ``only``):
+    name -> (field, [(method, default, marker)])."""
+    from fedbench.registry import get_method, methods
+    chosen = {only: get_method(only)} if only else methods()
     opts: dict[str, tuple] = {}
-    for mname, cls in methods().items():
+    for mname, cls in chosen.items():
         for f in dataclasses.fields(cls.Params):
             entry = opts.setdefault(f.name, (f, []))
             entry[1].append((mname, f.default, f.metadata.get("marker", "")))
@@ -91,21 +126,80 @@ def _method_options() -> dict[str, tuple]:
 
 
 def _method_help(f, owners) -> str:
-    parts = []
+    """The option's help with its default, one per distinct default, naming the methods of each
+    when they differ."""
+    by_default: dict[str, list[str]] = {}
     for m, d, marker in owners:
-        parts.append(f"{m}: {d}" + (f", {marker}" if marker else ""))
+        by_default.setdefault(f"{d}" + (f", {marker}" if marker else ""), []).append(m)
+    if len(by_default) == 1:
+        return f"{f.metadata['help']} (default: {next(iter(by_default))})"
+    parts = [f"{', '.join(ms)}: {d}" for d, ms in by_default.items()]
     return f"{f.metadata['help']} (default {'; '.join(parts)})"
 
 
-def _run_signature() -> inspect.Signature:
-    params = [_option_param(n, f, _core_help(f)) for n, f in CORE_FIELDS.items()]
-    for n, (f, owners) in _method_options().items():
+def _method_panel(name: str, owners) -> str:
+    """The help panel of a method option: the federated-LoRA family's shared options (its base Params)
+    together, every other option under the method(s) that declare it."""
+    from fedbench.methods.lora_family import FederatedLoRA
+    if name in {f.name for f in dataclasses.fields(FederatedLoRA.Params)}:
+        return ADAPTER_PANEL
+    ms = [m for m, _, _ in owners]
+    return f"Method {ms[0]}" if len(ms) == 1 else f"Methods {', '.join(ms)}"
+
+
+def _run_signature(method: str | None = None) -> inspect.Signature:
+    """The options of `fedbench run`: the run's own and every method's, or ``method``'s only."""
+    params = [_option_param(n, f, _core_help(f), PANEL_OF.get(n)) for n, f in CORE_FIELDS.items()]
+    for n, (f, owners) in _method_options(method).items():
         if n in CORE_FIELDS:
             continue
-        params.append(_option_param(n, f, _method_help(f, owners)))
+        params.append(_option_param(n, f, _method_help(f, owners), _method_panel(n, owners)))
     for n, (ann, default) in RUN_ONLY.items():
-        params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=default))
+        option = copy.copy(default)  # RUN_ONLY's options serve other commands too, without run's panels
+        option.rich_help_panel = PANEL_OF[n]
+        params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=option))
     return inspect.Signature(params)
+
+
+def _method_in(args: list[str]) -> str | None:
+    """The value of --method among a command line's arguments (before a ``--``), if any."""
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        if a == "--method" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--method="):
+            return a.split("=", 1)[1]
+    return None
+
+
+RUN_EPILOG = ("Only one method's options: fedbench run --method NAME --help. Every method with its paper and "
+              "defaults: fedbench list methods. Shell completion: fedbench --install-completion.")
+
+
+class RunCommand(TyperCommand):
+    """`fedbench run`. Its help with --method NAME shows the run options and NAME's own only; the
+    command itself accepts every method's options (a wrong one is refused by the config check)."""
+
+    HELP_METHOD = "fedbench.run.help_method"
+
+    def parse_args(self, ctx, args):
+        ctx.meta[self.HELP_METHOD] = _method_in(args)
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        method = ctx.meta.get(self.HELP_METHOD)
+        if method is None:
+            return super().format_help(ctx, formatter)
+        one = typer.Typer(add_completion=False)  # the same command built for one method's options (an unknown name: exit 2)
+
+        def run_one(**kw):  # `run` under this signature (only its help is formatted here)
+            return run(**kw)
+
+        run_one.__signature__ = _run_signature(method)  # type: ignore[attr-defined]
+        one.command("run", help=run.__doc__, epilog=f"The options of method {method} and of every run. Every "
+                    f"method with its paper and defaults: fedbench list methods.")(run_one)
+        return typer.main.get_command(one).format_help(ctx, formatter)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -281,7 +375,7 @@ def _execute_with_progress(p, store, execute, quiet: bool) -> dict:
 
 
 run.__signature__ = _run_signature()  # type: ignore[attr-defined]
-app.command("run", help=run.__doc__, no_args_is_help=False)(run)
+app.command("run", help=run.__doc__, no_args_is_help=False, cls=RunCommand, epilog=RUN_EPILOG)(run)
 
 
 @app.command("list")
