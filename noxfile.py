@@ -4,6 +4,8 @@ environment already holds torch (several GB), and re-installing it per session b
     nox -s tests     the default suite (what CI runs)
     nox -s lint      ruff
     nox -s nightly   long runs on real CIFAR-10 (needs FEDBENCH_DATA_DIR)
+    nox -s gate      the nightly store against the committed reference report (the regression gate)
+    nox -s docs      the documentation site, built in strict mode (needs the docs extra)
     nox -s bench     the speed suite and the scale benchmark (benchmarks/README.md)
     nox -s parity    accuracy parity of the numeric fast paths on real CIFAR-10
     nox -s lora      the federated-LoRA vision tier: pretrain the ViT (cached), the 81-run sweep of the 18 methods, its report
@@ -40,6 +42,22 @@ def nightly(session):
     session.run(PY, "-m", "fedbench", "sweep", "benchmarks/nightly.toml", "--results", store, "--jobs", "2")
     session.run(PY, "-m", "fedbench", "report", "--results", store, "--sweep", "nightly", "--out", "reports/nightly",
                 "--statistic", "last", "--target", "0.8")
+
+
+@nox.session(venv_backend="none")
+def gate(session):
+    """The regression gate of the nightly: the store of `nox -s nightly`'s sweep (or the one given: `nox -s gate --
+    STORE`) against the committed reference report reports/nightly/runs.csv. Fails with one line per cell whose
+    accuracy leaves the reference's seed band (docs/nightly.md). Run it before a new report replaces the reference."""
+    store = session.posargs[0] if session.posargs else "nightly.sqlite"
+    session.run(PY, "-m", "fedbench", "compare", "reports/nightly/runs.csv", "--results", store, "--sweep", "nightly")
+
+
+@nox.session(venv_backend="none")
+def docs(session):
+    """The documentation site (docs/mkdocs.yml) in strict mode: a broken link, a missing docstring of the API
+    reference or a method without its generated page fails. Writes docs/site/ (ignored by git)."""
+    session.run(PY, "-m", "mkdocs", "build", "--strict", "--config-file", "docs/mkdocs.yml", *session.posargs)
 
 
 @nox.session(venv_backend="none")

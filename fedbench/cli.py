@@ -22,6 +22,7 @@ from typer.core import TyperCommand
 from fedbench import hparams
 from fedbench.config import CORE_FIELDS, make_config
 from fedbench.errors import ConfigError, choice_error
+from fedbench.report.gate import DEFAULT_TOLERANCE
 
 try:  # typer >= 0.2x vendors click; older typer depends on it
     from typer._click import exceptions as _cx
@@ -773,6 +774,54 @@ def report_cmd(
     print(info["tables"]["fairness"].to_markdown())
     out.print(f"report of {info['runs']} runs written to {out_dir}/ (report.md, report.html, "
               f"accuracy/fairness/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
+
+
+@app.command("compare")
+def compare_cmd(
+    reference: Path = typer.Argument(..., help="the reference report's runs.csv (or the report folder)"),
+    results: Optional[Path] = typer.Option(None, "--results", help="the SQLite results store to check"),
+    runs: Optional[Path] = typer.Option(None, "--runs", help="or: another report's runs.csv to check"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="only the store's runs of this sweep"),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="how far (accuracy as a fraction: "
+                                    "0.02 = 2 points) the band reaches beyond the reference's min and max over "
+                                    "its seeds"),
+):
+    """Regression gate: exit 1 with one line per cell whose accuracy leaves the reference's seed band.
+
+    A cell is a configuration without its seed; its band is [min - tolerance, max + tolerance] of the
+    reference's accuracies over its seeds; the candidate's number is its mean over its seeds, under the
+    reference's summary. A reference cell without a complete run in the candidate offends too."""
+    from fedbench.report.frame import run_frame
+    from fedbench.report.gate import compare, read_runs_csv, reference_summary
+    from fedbench.store import Store
+
+    ref = read_runs_csv(reference)
+    summ = reference_summary(ref)
+    if (results is None) == (runs is None):
+        raise ConfigError("give the candidate as --results STORE or as --runs RUNS.CSV (one of them)")
+    if runs is not None:
+        if sweep:
+            raise ConfigError("--sweep selects runs of a store; a runs.csv is compared as it is")
+        cand = read_runs_csv(runs)
+    else:
+        if not results.is_file():
+            raise ConfigError(f"--results {results} does not exist")
+        store = Store(results)
+        try:
+            cand, _ = run_frame(store, summ["statistic"], summ["weighting"], sweep=sweep,
+                                population=summ["population"])
+        finally:
+            store.close()
+    checks, unjudged = compare(ref, cand, tolerance)
+    bad = [c for c in checks if c.offends]
+    for c in bad:
+        out.print(f"outside: {c.line()}", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"compare: {len(bad)} of {len(checks)} reference cells outside the band (tolerance "
+              f"{100 * tolerance:.2f} points; summary {summ['statistic']}, {summ['population']}, "
+              f"{summ['weighting']}); {unjudged} candidate cells not in the reference", markup=False,
+              highlight=False, soft_wrap=True)
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command("pretrain")
