@@ -73,6 +73,7 @@ def aggregate_logits(uploads: list[dict], num_classes: int, sums_only: bool = Fa
 
 
 class FD(Method):
+    code = "TsingZ0/HtFLlib (the form implemented)"
     paper = ("Jeong et al., Communication-Efficient On-Device Machine Learning: Federated Distillation and "
              "Augmentation under Non-IID Private Data, NeurIPS-W 2018")
     heterogeneous = True

@@ -17,6 +17,7 @@ from fedbench.models.cnn import cnn_spec
 
 
 class FedAvg(Method):
+    code = "TsingZ0/HtFLlib (the form implemented)"
     paper = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017"
     heterogeneous = False
 

@@ -44,6 +44,7 @@ from fedbench.seeding import torch_generator
 
 
 class FedGH(Method):
+    code = "LipingYi/FedGH; TsingZ0/HtFLlib"
     paper = ("Yi et al., FedGH: Heterogeneous Federated Learning with Generalized Global Header, "
              "ACM MM 2023 (arXiv 2303.13137)")
     heterogeneous = True

@@ -192,6 +192,7 @@ def decompress(code: dict, shapes: dict[str, torch.Size], count: Count = None) -
 # --- the method -----------------------------------------------------------------------------------------
 
 class FedKD(Method):
+    code = "wuch15/FedKD; TsingZ0/HtFLlib"
     paper = ("Wu et al., Communication-efficient federated learning via knowledge distillation, "
              "Nature Communications 13, 2032 (2022)")
     heterogeneous = True

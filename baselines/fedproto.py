@@ -104,6 +104,7 @@ def aggregate_protos(uploads: list[dict], num_classes: int, weight: str) -> dict
 
 
 class FedProto(Method):
+    code = "yuetan031/FedProto; TsingZ0/HtFLlib"
     paper = "Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022"
     heterogeneous = True
     push = "all"

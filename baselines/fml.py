@@ -52,6 +52,7 @@ def fml_losses(logits_local: torch.Tensor, logits_meme: torch.Tensor, y: torch.T
 
 
 class FML(Method):
+    code = "ZJU-DAI/Federated-Mutual-Learning; TsingZ0/HtFLlib"
     paper = "Shen et al., Federated Mutual Learning, arXiv 2006.16765 (2020)"
     heterogeneous = True
     push = "selected"

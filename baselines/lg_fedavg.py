@@ -26,6 +26,7 @@ from fedbench.methods.base import Method, load, snapshot, weighted_mean
 
 
 class LGFedAvg(Method):
+    code = "pliang279/LG-FedAvg; the form implemented is TsingZ0/HtFLlib's"
     paper = ("Liang et al., Think Locally, Act Globally: Federated Learning with Local and Global "
              "Representations, arXiv 2001.01523")
     heterogeneous = True

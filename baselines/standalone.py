@@ -14,6 +14,7 @@ from fedbench.methods.base import Method
 
 
 class Standalone(Method):
+    code = "none (local training only)"
     paper = "local training without federation (the MHPFL papers' 'Standalone' baseline)"
     heterogeneous = True
 

@@ -402,6 +402,8 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
                     what_ = "heterogeneous ranks" if getattr(cls, "heterogeneous_ranks", False) else "one rank for all"
                 out.print(f"[bold]{name}[/bold]  ({what_}; broadcast to {cls.push} clients)")
                 out.print(f"  paper: {cls.paper}", markup=False)
+                if cls.code:
+                    out.print(f"  official code: {cls.code}", markup=False)
                 fields = dataclasses.fields(cls.Params)
                 recon = [hparams.option_name(f.name) for f in fields if f.metadata.get("marker") == "reconstruction"]
                 if recon:

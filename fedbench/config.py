@@ -94,6 +94,7 @@ class RunConfig:
 
     # -- identity --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data, ``method_params`` sorted by name."""
         d = dataclasses.asdict(self)
         d["method_params"] = dict(sorted(self.method_params.items()))
         return d
@@ -110,11 +111,13 @@ class RunConfig:
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def run_hash(self, data_digest: str) -> str:
+        """The run id: sha256 of the canonical JSON and the data's digest, first 16 hex digits."""
         h = hashlib.sha256((self.canonical_json() + "|" + data_digest).encode())
         return h.hexdigest()[:16]
 
     @property
     def num_classes(self) -> int:
+        """Classes of the run's dataset."""
         return dataset_info(self.dataset).num_classes
 
     @property
@@ -126,9 +129,11 @@ class RunConfig:
 
     @property
     def per_round(self) -> int:
+        """Clients sampled per round: fraction x clients, at least 1."""
         return max(1, int(self.fraction * self.clients))
 
     def method_class(self):
+        """The registered method class of ``method``."""
         from fedbench.registry import get_method
         return get_method(self.method)
 
@@ -255,5 +260,6 @@ def config_to_cli(cfg: RunConfig) -> str:
 
 
 def method_params_obj(cfg: RunConfig):
+    """The method's ``Params`` instance of the config's ``method_params``."""
     cls = cfg.method_class()
     return cls.Params(**cfg.method_params)

@@ -22,6 +22,7 @@ _load_errors: dict[str, str] = {}
 
 
 def register_method(name: str):
+    """Class decorator: register a method class under ``name`` (a second class under one name is an error)."""
     def deco(cls):
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method {name!r} registered twice ({_METHODS[name]} and {cls})")
@@ -53,11 +54,14 @@ def _discover() -> None:
 
 
 def methods() -> dict[str, type]:
+    """Every registered method (the core's, then entry-point plugins'), by name, sorted."""
     _discover()
     return dict(sorted(_METHODS.items()))
 
 
 def get_method(name: str) -> type:
+    """The method class registered as ``name``; ``ConfigError`` naming the choices (or the plugin's load
+    error) otherwise."""
     all_methods = methods()
     if name not in all_methods:
         if name in _load_errors:

@@ -99,6 +99,7 @@ class ClaimLost(RuntimeError):
 
 
 def new_owner() -> str:
+    """A new claim owner id, ``host:pid:nonce`` (one per ``Store``)."""
     return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
@@ -143,6 +144,12 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class Store:
+    """A results store: one SQLite file (the schema is ``SCHEMA``; docs: the results store page).
+
+    Opening creates the tables where missing; ``ConfigError`` if the file is not a usable store. Writes
+    happen under claims (see the module docstring); the read methods return pandas DataFrames.
+    """
+
     def __init__(self, path: Path | str, owner: str | None = None, lease_s: float = LEASE_S) -> None:
         self.path = Path(path)
         check_results_path(self.path)
@@ -155,6 +162,7 @@ class Store:
             raise ConfigError(f"--results {self.path} is not a usable fedbench store: {e}") from None
 
     def close(self) -> None:
+        """Close the database connection."""
         self.db.close()
 
     def _tx(self, run_id: str | None = None, hold: bool = False):
@@ -205,6 +213,7 @@ class Store:
         return "claimed"
 
     def claim_holder(self, run_id: str) -> str | None:
+        """The owner holding the run's claim, or None."""
         row = self.db.execute("SELECT owner FROM claims WHERE run_id = ?", (run_id,)).fetchone()
         return row[0] if row else None
 
@@ -215,6 +224,7 @@ class Store:
                 self._release(run_id, "released", detail)
 
     def log_event(self, run_id: str, event: str, detail: str | None = None) -> None:
+        """Append an event (``started``, ``retry``...) to ``claim_log`` under this store's owner."""
         with self._tx():
             self._log(run_id, event, detail)
 
@@ -247,11 +257,13 @@ class Store:
             t.join()
 
     def claim_events(self, run_id: str | None = None) -> pd.DataFrame:
+        """The rows of ``claim_log`` (of one run, or all), in the order they were written."""
         q = "SELECT * FROM claim_log" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY rowid"
         return pd.read_sql_query(q, self.db, params=(run_id,) if run_id else ())
 
     # --- runs -------------------------------------------------------------------------------------
     def status(self, run_id: str) -> str | None:
+        """The run's status (``running``, ``complete``, ``failed``), or None if the store does not hold it."""
         row = self.db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return row[0] if row else None
 
@@ -272,6 +284,8 @@ class Store:
                   json.dumps(c["class_counts"])) for c in clients])
 
     def write_round(self, run_id: str, r) -> None:
+        """Write one round (a ``RoundResult``: its ``rounds`` row, client rows and named metrics) in one
+        transaction, under our claim (``ClaimLost`` if another process took the run over)."""
         acc_mean, acc_w = r.accuracy()
         with self._tx(run_id):
             self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?)",
@@ -315,13 +329,16 @@ class Store:
 
     # --- reading ----------------------------------------------------------------------------------
     def runs(self, status: str | None = None) -> pd.DataFrame:
+        """The ``runs`` table (only the runs of ``status``, e.g. ``complete``, if given)."""
         q = "SELECT * FROM runs" + (" WHERE status = ?" if status else "")
         return pd.read_sql_query(q, self.db, params=(status,) if status else ())
 
     def rounds(self, run_id: str) -> pd.DataFrame:
+        """The run's ``rounds`` rows, by round."""
         return pd.read_sql_query("SELECT * FROM rounds WHERE run_id = ? ORDER BY round", self.db, params=(run_id,))
 
     def client_rounds(self, run_id: str) -> pd.DataFrame:
+        """The run's ``client_rounds`` rows, by round and client."""
         return pd.read_sql_query("SELECT * FROM client_rounds WHERE run_id = ? ORDER BY round, client",
                                  self.db, params=(run_id,))
 
@@ -331,10 +348,12 @@ class Store:
                                  self.db, params=(run_id,))
 
     def client_metrics(self, run_id: str) -> pd.DataFrame:
+        """Long format: round, client, name, value (the run's ``client_metrics``)."""
         return pd.read_sql_query("SELECT round, client, name, value FROM client_metrics WHERE run_id = ? "
                                  "ORDER BY round, client, name", self.db, params=(run_id,))
 
     def clients(self, run_id: str) -> pd.DataFrame:
+        """The run's ``clients`` rows (architecture, split sizes, class counts), by client."""
         return pd.read_sql_query("SELECT * FROM clients WHERE run_id = ? ORDER BY client", self.db,
                                  params=(run_id,))
 

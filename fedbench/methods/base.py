@@ -140,6 +140,7 @@ class Server(Party):
 class Method(abc.ABC):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    code: ClassVar[str] = ""  # the official code (GitHub owner/repo), or what was read where none exists
     heterogeneous: ClassVar[bool] = True
     # "selected": the broadcast goes to each participant at the start of its round.
     # "all": after aggregation it goes to every client (receive() is called; bytes counted for all).

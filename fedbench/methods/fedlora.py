@@ -54,6 +54,7 @@ def phase1_loss(both: torch.Tensor, local: torch.Tensor, y: torch.Tensor, mu: fl
 
 @register_method("fedlora")
 class FedLoRA(Method):
+    code = "none public: a reconstruction from the same authors' LipingYi/pFedES and LipingYi/pFedAFM"
     paper = "Yi et al., FedLoRA/pFedLoRA: Model-Heterogeneous Personalized FL with LoRA Tuning, arXiv 2310.13283"
     heterogeneous = True
     push = "selected"

@@ -60,6 +60,7 @@ def similarity_weights(ps, hists: torch.Tensor, cores: torch.Tensor, mix: float,
 
 @register_method("ce-lora")
 class CELoRA(FederatedLoRA):
+    code = "1503552056/CE-LoRA (partial)"
     paper = "Li et al., CE-LoRA: Computation-Efficient LoRA Fine-Tuning for Language Models, arXiv 2503.23869"
     trains = ("C",)
     sends = ("C",)

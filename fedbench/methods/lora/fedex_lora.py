@@ -57,6 +57,7 @@ def factored_residual(ps, As, Bs, s: float = 1.0) -> tuple[torch.Tensor, torch.T
 
 @register_method("fedex-lora")
 class FedExLoRA(MissedMerges, FederatedLoRA):
+    code = "RaghavSinghal10/fedex-lora"
     paper = "Singhal, Ponkshe, Vepakomma, FedEx-LoRA: exact aggregation for federated LoRA through a residual " \
             "(code: RaghavSinghal10/fedex-lora)"
     trains = ("A", "B")

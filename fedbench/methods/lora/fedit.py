@@ -18,6 +18,7 @@ from fedbench.registry import register_method
 
 @register_method("fedit")
 class FedIT(FederatedLoRA):
+    code = "JayZhang42/FederatedGPT-Shepherd"
     paper = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning (FedIT), arXiv 2305.05644"
     trains = ("A", "B")
     sends = ("A", "B")

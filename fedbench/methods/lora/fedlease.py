@@ -145,6 +145,7 @@ def choose_clusters(d: np.ndarray, max_clusters: int) -> tuple[list[int], int, f
 
 @register_method("fedlease")
 class FedLEASE(FederatedLoRA):
+    code = "lei-wang-link/FedLEASE"
     paper = "Wang, Bian, Zhang, Xu, FedLEASE: Adaptive LoRA Experts Allocation and Selection for Federated " \
             "Fine-Tuning, NeurIPS 2025, arXiv 2509.15087"
     personalised = True

@@ -34,6 +34,7 @@ from fedbench.seeding import derive
 
 @register_method("fedloru")
 class FedLoRU(MissedMerges, FederatedLoRA):
+    code = "haemPark/fedloru_official"
     paper = "Park & Klabjan, FedLoRU: federated low-rank updates accumulated into the model, arXiv 2409.12371"
     trains = ("A", "B")
     sends = ("A", "B")

@@ -65,6 +65,7 @@ def rotate(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> tuple[torch.Ten
 
 @register_method("fedrot-lora")
 class FedRotLoRA(FederatedLoRA):
+    code = "haoran-zh/FedRot-LoRA"
     paper = "Zhang, Kim, Cha, Vikalo, FedRot-LoRA: rotation-aligned factor averaging, ICML 2026 (arXiv 2602.23638)"
     trains = ("A", "B")
     sends = ("A", "B")

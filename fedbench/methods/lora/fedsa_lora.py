@@ -15,6 +15,7 @@ from fedbench.registry import register_method
 
 @register_method("fedsa-lora")
 class FedSALoRA(FederatedLoRA):
+    code = "Pengxin-Guo/FedSA-LoRA"
     paper = "Guo et al., Selective Aggregation for Low-Rank Adaptation in Federated Learning (FedSA-LoRA), ICLR 2025"
     trains = ("A", "B")
     sends = ("A",)

@@ -15,6 +15,7 @@ from fedbench.registry import register_method
 
 @register_method("ffa-lora")
 class FFALoRA(FederatedLoRA):
+    code = "none dedicated; freeze-A modes in Pengxin-Guo/FedSA-LoRA, RaghavSinghal10/fedex-lora, imkevinkuo/flasc"
     paper = "Sun et al., Improving LoRA in Privacy-preserving Federated Learning (FFA-LoRA), ICLR 2024"
     trains = ("B",)
     sends = ("B",)

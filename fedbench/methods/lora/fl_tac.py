@@ -134,6 +134,7 @@ def combine(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
 
 @register_method("fl-tac")
 class FLTAC(FederatedLoRA):
+    code = "siqi2000/FL-TAC"
     paper = "Ping et al., FL-TAC: Enhanced Fine-Tuning in Federated Learning via Low-Rank, Task-Specific " \
             "Adapter Clustering, arXiv 2404.15384"
 

@@ -65,6 +65,7 @@ def densify(payload: dict[str, torch.Tensor], n: int) -> torch.Tensor:
 
 @register_method("flasc")
 class FLASC(FederatedLoRA):
+    code = "imkevinkuo/flasc"
     paper = "Kuo et al., Federated LoRA with Sparse Communication (FLASC), arXiv 2406.05233"
 
     @dataclass

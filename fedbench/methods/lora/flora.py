@@ -28,6 +28,7 @@ from fedbench.seeding import derive
 
 @register_method("flora")
 class FLoRA(FederatedLoRA):
+    code = "ATP-1010/FederatedLLM"
     paper = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
     heterogeneous_ranks = True
 

@@ -46,6 +46,7 @@ def merge_factors(a_bar, b_bar, a0, b0, s: float) -> tuple[torch.Tensor, torch.T
 
 @register_method("frlora")
 class FRLoRA(MissedMerges, FederatedLoRA):
+    code = "IAMJackYan/FRLoRA"
     paper = "Yan et al., FRLoRA: federated residual low-rank adaptation, ICLR 2025 (code: IAMJackYan/FRLoRA)"
     trains = ("A", "B")
     sends = ("A", "B")

@@ -63,6 +63,7 @@ def split(q: torch.Tensor, ra: torch.Tensor, r: int, s: float) -> tuple[torch.Te
 
 @register_method("ilora")
 class ILoRA(FederatedLoRA):
+    code = "none found"
     paper = "Zhou, Liu, Shang, ILoRA, arXiv 2511.16069 (no code found; server split and control variates " \
             "reconstructed)"
     heterogeneous_ranks = True

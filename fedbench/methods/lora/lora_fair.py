@@ -59,6 +59,7 @@ def sgd_correction(target: torch.Tensor, a_bar: torch.Tensor, b_bar: torch.Tenso
 
 @register_method("lora-fair")
 class LoRAFAIR(FederatedLoRA):
+    code = "none official"
     paper = "Bian, Wang, Zhang, Xu, LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization " \
             "Refinement, ICCV 2025 (arXiv 2411.14961)"
     trains = ("A", "B")

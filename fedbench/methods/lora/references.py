@@ -22,6 +22,7 @@ from fedbench.registry import register_method
 
 @register_method("lora-local")
 class LoRALocal(FederatedLoRA):
+    code = "none (a reference)"
     paper = "reference: local-only LoRA fine-tuning (no communication)"
     heterogeneous_ranks = True
     sends = ()
@@ -49,6 +50,7 @@ def _build_backbone(name: str, num_classes: int):
 
 @register_method("full-ft")
 class FullFineTuning(FederatedLoRA):
+    code = "none (a reference)"
     paper = "reference: FedAvg of full fine-tuning (McMahan et al., AISTATS 2017) on the pretrained backbone"
     sends = ("model",)
 
