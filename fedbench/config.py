@@ -18,7 +18,7 @@ from fedbench.hparams import hparam
 from fedbench.models.cnn import MODEL_GROUPS
 
 AGG_WEIGHTS = ("all-splits", "train", "uniform")
-# Evaluation protocols (README "Evaluation protocols"; spec A.5): who is evaluated, when, with which model.
+# Evaluation protocols (docs/concepts/protocols.md; spec A.5): who is evaluated, when, with which model.
 #   yi:        the round's participants right after their local training, the model as trained (pFedLoRA authors)
 #   pfllib:    every client after the round's aggregation, as it stands after receiving the broadcast, before
 #              local training (PFLlib/HtFLlib: the start of the next round)

@@ -110,7 +110,7 @@ class Recipe:
 
 
 # CPU presets: sized for about 15 minutes each with one thread of the 2-core development CPU
-# (measured: 14.5 and 16.7 minutes with the other core busy; README "Federated LoRA family"). CUDA presets: more epochs and a bigger batch (not
+# (measured: 14.5 and 16.7 minutes with the other core busy; docs/backbones.md). CUDA presets: more epochs and a bigger batch (not
 # measured here: no GPU was available when they were written).
 PRESETS: dict[tuple[str, str], Recipe] = {
     ("vit", "cpu"): Recipe(epochs=7, batch_size=256, optimizer="adamw", lr=2e-3, weight_decay=0.05,

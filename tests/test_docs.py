@@ -76,3 +76,12 @@ def test_undocumented_finds_a_missing_docstring(hooks, monkeypatch):
     get_method.__module__ = "fedbench.registry"
     monkeypatch.setattr(registry, "get_method", get_method)
     assert hooks.undocumented("fedbench.registry") == ["fedbench.registry.get_method"]
+
+
+def test_readme_links_resolve_and_reach_the_docs():
+    import re
+
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert "docs/index.md" in local and "docs/concepts/store.md" in local
+    assert [link for link in local if not (ROOT / link).exists()] == []
