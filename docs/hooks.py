@@ -88,15 +88,24 @@ def method_page(name: str, cls) -> str:
     class_doc = cls.__doc__ and inspect.cleandoc(cls.__doc__)
     docs = [d for d in (module_doc, class_doc) if d]
     if docs:  # as written in the source: algorithm boxes and formulas ([B, B0]...) are plain text
-        lines += ["## From the source", "", f"`{cls.__module__}`:", "", "```text", *"\n\n".join(docs).splitlines(),
-                  "```", ""]
+        lines += ["## From the source", "", f"`{cls.__module__}`:", "", '<div class="method-source" markdown>', "",
+                  "```text", *"\n\n".join(docs).splitlines(), "```", "", "</div>", ""]
+    from fedbench.methods.lora_family import FederatedLoRA
+
     fields = dataclasses.fields(cls.Params)
+    family = {f.name for f in dataclasses.fields(FederatedLoRA.Params)} if issubclass(cls, FederatedLoRA) else set()
     lines += ["## Hyper-parameters", ""]
     if not fields:
         lines += ["None beyond the run options.", ""]
-    else:
+    for heading, group in (("Shared by every federated-LoRA method (backbone and adapters)",
+                            [f for f in fields if f.name in family]),
+                           (f"Of {name} itself" if family else "", [f for f in fields if f.name not in family])):
+        if not group:
+            continue
+        if heading:
+            lines += [f"### {heading}", ""]
         lines += ["| option | type | default | allowed | source | meaning |", "| --- | --- | --- | --- | --- | --- |"]
-        for f in fields:
+        for f in group:
             lines.append(f"| `{hparams.option_name(f.name)}` | {hparams.field_type(f).__name__} | `{f.default!r}` | "
                          f"{_cell(hparams.describe_range(f))} | {_cell(f.metadata.get('marker', ''))} | "
                          f"{_cell(f.metadata['help'])} |")
