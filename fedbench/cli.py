@@ -790,7 +790,7 @@ def compare_cmd(
 ):
     """Regression gate: exit 1 with one line per cell whose accuracy leaves the reference's seed band.
 
-    A cell is a configuration without its seed; its band is [min - tolerance, max + tolerance] of the
+    A cell is a configuration without its seed; its band runs from min - tolerance to max + tolerance of the
     reference's accuracies over its seeds; the candidate's number is its mean over its seeds, under the
     reference's summary. A reference cell without a complete run in the candidate offends too."""
     from fedbench.report.frame import run_frame
