@@ -36,6 +36,7 @@ from fedbench.models.cnn import ModuleSpec, linear_spec
 
 BACKBONES = ("vit", "resnet", "smollm2", "char-lm")  # the last two: language tier (fedbench/lm)
 HEADS = ("shared", "local", "frozen")
+EVALUATIONS = ("personalised", "global")  # the evaluation kinds a method may have (FederatedLoRA.evaluations)
 
 
 @dataclass
@@ -101,6 +102,16 @@ class FederatedLoRA(Method):
     trains: ClassVar[tuple[str, ...]] = ("A", "B")   # factors a client trains
     sends: ClassVar[tuple[str, ...]] = ("A", "B")    # factors that travel (up and down)
     personalised: ClassVar[bool] = False              # no global model (D_t and global accuracy undefined)
+    evaluations: ClassVar[tuple[str, ...]] = EVALUATIONS
+    """The evaluation kinds the method has (shown by ``fedbench list methods`` and in the report):
+    * ``"personalised"``: each client is scored on its own test split with the model it holds: its adapters
+      (and head) as its last local training left them, on the backbone as it last downloaded it (merges
+      made since are not counted: ``merge_log.client_view``); a client that never took part, its start;
+    * ``"global"``: the server's model is scored on the union of the clients' test splits (undefined with
+      ``--head local``: no global head).
+    Default: both. A method without a global model (``personalised = True``) declares ``("personalised",)``;
+    one without ``"personalised"`` would score its clients with the global model, which the report's
+    personalised table marks."""
 
     Params = LoRAParams
 

@@ -70,6 +70,7 @@ class CELoRA(FederatedLoRA):
     trains = ("A", "C", "B")  # the default (train-ABC); see trainable()
     sends = ("C",)
     personalised = True
+    evaluations = ("personalised",)
 
     @dataclass
     class Params(LoRAParams):

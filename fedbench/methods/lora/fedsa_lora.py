@@ -19,6 +19,7 @@ class FedSALoRA(FederatedLoRA):
     trains = ("A", "B")
     sends = ("A",)
     personalised = True
+    evaluations = ("personalised",)
 
     @classmethod
     def display_name(cls) -> str:
