@@ -14,6 +14,8 @@ Metrics every round (spec §5), reported as named metrics:
   over all adapted matrices together (one Frobenius norm of their concatenation), W the effective
   weights (backbone, merges included, + s B A) of the shared part; not defined for personalised methods;
 * ``agg_deviation_abs``: its numerator.
+A personalised method with a shared part reports the same ratio on that part alone as
+``agg_deviation_shared`` (FedSA-LoRA: A; CE-LoRA: the FedAvg of C), in the shared tensors' own space.
 Methods add their own (FedIT's factor error, truncation error per rank, energy ratio).
 """
 
@@ -91,6 +93,13 @@ def copy_strict(method: str, part: str, slots: dict, tensors: dict) -> None:
             raise ValueError(f"{method}: downloaded {part}[{key}] has shape {tuple(t.shape)}, the client's is "
                              f"{tuple(slots[key].shape)}")
         slots[key].copy_(t)
+
+
+def report_deviation_parts(server: Server, name: str, num: float, den: float) -> None:
+    """Report D_t from its summed squared parts (``algebra.deviation_parts``): ``name`` the relative value,
+    ``name + "_abs"`` the numerator."""
+    server.report(f"{name}_abs", num ** 0.5)
+    server.report(name, (num / den) ** 0.5 if den > 0 else 0.0)
 
 
 class FederatedLoRA(Method):
@@ -417,8 +426,7 @@ class FederatedLoRA(Method):
             glob = nxt[k] + self._merged.get(k, 0)
             num += algebra.frob2(glob - ideal)
             den += algebra.frob2(ideal - start[k])
-        server.report("agg_deviation_abs", num ** 0.5)
-        server.report("agg_deviation", (num / den) ** 0.5 if den > 0 else 0.0)
+        report_deviation_parts(server, "agg_deviation", num, den)
 
     # --- evaluation ------------------------------------------------------------------------------
     def predict(self, client: Client, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@
                           h: label histograms (data space), C_0 the common start of C (parameter space)
     download: the client's own C_i of its last round (a client never seen: sum_j p_j C_j)          r^2 down
 Personalised: no global model (neither global accuracy nor D_t is defined). The head follows --head.
+D_t of the shared part, ``agg_deviation_shared``: ||C̄ - sum_j p_j C_j|| / ||sum_j p_j (C_j - C_j^start)||
+with C̄ the server's FedAvg of C and C_j^start the C client j downloaded (0 when C̄ is the p-weighted mean).
 
 Local training (``--celora-init``):
 * ``train-ABC`` (default): Algorithm 1 of the paper and the official code (1503552056/CE-LoRA,
@@ -41,7 +43,7 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.trimatrix import inject_tri, tri_adapter_spec
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict, report_deviation_parts
 from fedbench.registry import register_method
 
 
@@ -128,8 +130,12 @@ class CELoRA(FederatedLoRA):
         ad = party.module("lora")
         return {key: m.weight.detach().clone() for key, m in ad.lora_C.items()}
 
+    def core_for(self, server, cid: int) -> dict[str, torch.Tensor]:
+        """The C client ``cid`` downloads: its own of its last round, or (never seen, uniform) the server's."""
+        return self.personal.get(cid) or self.cores_of(server)
+
     def download(self, server, client, state):
-        payload = {"C": self.personal.get(client.id) or self.cores_of(server)}
+        payload = {"C": self.core_for(server, client.id)}
         if self.hp.head == "shared":
             payload["head"] = self.head_of(server)
         return payload
@@ -181,10 +187,17 @@ class CELoRA(FederatedLoRA):
     def aggregate(self, server, uploads):
         ps = [u.weight for u in uploads]
         keys = [t.key for t in self.targets]
+        starts = [self.core_for(server, u.client) for u in uploads]  # what each participant downloaded
         mean = {k: algebra.weighted_sum(ps, [u.payload["C"][k] for u in uploads]) for k in keys}
         ad = server.module("lora")
         for k in keys:  # the FedAvg of C: every client's C (uniform), a newcomer's start (similarity)
             ad.lora_C[k].weight.copy_(mean[k])
+        kept = self.cores_of(server)
+        num = den = 0.0
+        for k in keys:
+            n, d = algebra.deviation_parts(ps, [u.payload["C"][k] for u in uploads], [st[k] for st in starts], kept[k])
+            num, den = num + n, den + d
+        report_deviation_parts(server, "agg_deviation_shared", num, den)
         if self.hp.celora_weights == "uniform":
             return
         w = self.weights(server, uploads)
