@@ -42,7 +42,7 @@ def fedit_error(ps, As, Bs, s: float) -> torch.Tensor:
 
 
 def deviation_parts(ps, ends, starts, agg) -> tuple[float, float]:
-    """The two squared norms of D_t (spec §5.2) for one tensor: ||agg - sum_i p_i end_i||_F^2 (what the
+    """The two squared norms of D_t (the aggregation deviation) for one tensor: ||agg - sum_i p_i end_i||_F^2 (what the
     server's aggregate misses of the FedAvg of the clients' end states) and ||sum_i p_i (end_i - start_i)||_F^2
     (the round's FedAvg movement), in float64. ``ends`` / ``starts``: each client's tensor at the end and the
     start of its local round (effective updates s B A, or a shared factor alone for a personalised method's

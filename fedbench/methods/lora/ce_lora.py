@@ -1,4 +1,4 @@
-"""CE-LoRA, tri-matrix personalised LoRA (Li, Liu, Huang, Zhang, Yuan, Hong, arXiv 2503.23869; spec §3.15).
+"""CE-LoRA, tri-matrix personalised LoRA (Li, Liu, Huang, Zhang, Yuan, Hong, arXiv 2503.23869).
 
     adapter:  W_eff = W0 + s B C A  (PEFT layout: A r x d_in, C r x r, B d_out x r; fedbench/lora/trimatrix.py)
               A, B (and C's start) from one seed shared by all clients: nothing but C ever travels
@@ -24,12 +24,12 @@ Local training (``--celora-init``):
 * ``random-B`` [reconstruction]: A and B Kaiming from the shared seed, frozen for the whole run, C = 0
   (W_eff = W0 at the start; with C = I the random s B A would perturb the backbone). All C's share one
   basis, so the uniform rule is exact: s B (sum_j p_j C_j) A = sum_j p_j s B C_j A.
-The similarity rule's formula is not in the material read (spec §3.15: the code's server side is not in
+The similarity rule's formula is not in the material read (the official code's server side is not in
 the repository, only a per-class GMM of each client's features is prepared for it): sim, mix and tau are
 fedbench's [reconstruction]; tau -> inf gives the uniform rule, and every row of w sums to one.
 
 ``--reference-quirks``: the code's C-only mode (``train_c_only=True``: A and B frozen) from its start
-(A ~ N(0, 1e-3^2), B = 0, C = I): with B = 0 frozen, dL/dC = s B^T g (A x)^T = 0 exactly (spec §6.5), so
+(A ~ N(0, 1e-3^2), B = 0, C = I): with B = 0 frozen, dL/dC = s B^T g (A x)^T = 0 exactly, so
 C keeps zero gradient and only the head learns.
 """
 

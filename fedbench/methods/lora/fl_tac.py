@@ -10,7 +10,7 @@ The clustering never sees a task id; the true ids give only the reported ``fltac
 (Hungarian-matched share of submissions whose cluster is their task's, scipy's linear_sum_assignment).
 ``fltac_factor_error`` is FedIT's factor error inside the clusters (the within-cluster average is FedIT),
 ``fltac_clusters`` the number of clusters formed (K, or fewer submissions than K: one cluster each).
-D_t per cluster (spec §5.2), ``agg_deviation_c{k}`` (k the K-means label of the round):
+D_t per cluster, ``agg_deviation_c{k}`` (k the K-means label of the round):
 ||s B̄_k Ā_k - sum_i w_i s B_i A_i||_F / ||sum_i w_i s (B_i A_i - B_i^0 A_i^0)||_F over the cluster's
 submissions i (w_i their sample-count weights, B_i^0 A_i^0 the adapter the submission downloaded), all
 adapted matrices together; ``agg_deviation`` / ``agg_deviation_abs`` pool every cluster's (the numerator

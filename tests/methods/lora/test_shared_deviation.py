@@ -1,4 +1,4 @@
-"""D_t (spec §5.2: ||aggregate - sum_i p_i end_i|| / ||sum_i p_i (end_i - start_i)||) where a method has no
+"""D_t (the aggregation deviation: ||aggregate - sum_i p_i end_i|| / ||sum_i p_i (end_i - start_i)||) where a method has no
 single global model: on the shared part of FedSA-LoRA (A) and CE-LoRA (the FedAvg of C), and per cluster
 for FL-TAC (the cluster's s B̄ Ā against its submissions' s B_i A_i). Always with unequal client weights
 (the synthetic split's equal 600 samples per client once hid a weighting bug)."""
