@@ -10,7 +10,8 @@
 Which factor is aligned: the official code (haoran-zh/FedRot-LoRA, ``federatedscope/core/workers/
 client.py``, FederatedScope rounds ("states") counted from 0) rotates only when ``state > 0`` ("the first
 round cannot rotate") and then aligns A when ``state % 2 != swap_offset``, else B, where
-``initialshare: 'A'`` (its every configuration) gives ``swap_offset = 0``: state 0 aligns nothing, state 1
+``initialshare: 'A'`` (in the configurations read: glue/yamls/base_fedlora2.yaml,
+llm/yamls/base_fedrot_lora.yaml) gives ``swap_offset = 0``: state 0 aligns nothing, state 1
 aligns A, state 2 B, state 3 A, ... In fedbench's 1-based rounds: round 1 nothing, then A in even rounds
 and B in odd ones (``aligned_factor``). ``--fedrot-align`` ``alternate`` is that schedule, ``A`` or ``B``
 the code's ablations (``lora.ablation``: always that factor, still not in the first round).
