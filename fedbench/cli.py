@@ -404,6 +404,8 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
                 out.print(f"  paper: {cls.paper}", markup=False)
                 if cls.code:
                     out.print(f"  official code: {cls.code}", markup=False)
+                if fam == "federated-lora":
+                    out.print(f"  evaluation: {_evaluation_text(cls.evaluations)}", markup=False)
                 fields = dataclasses.fields(cls.Params)
                 recon = [hparams.option_name(f.name) for f in fields if f.metadata.get("marker") == "reconstruction"]
                 if recon:
@@ -439,6 +441,19 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
                       f"{macs_per_sample(m) / 1e6:.1f} M MACs per sample (head for 10 classes)", markup=False)
     else:
         raise choice_error("list topic", what, ("methods", "datasets", "models", "partitions", "backbones"))
+
+
+def _evaluation_text(kinds: tuple[str, ...]) -> str:
+    """A federated-LoRA method's evaluation kinds, said: which score each client and the global model get."""
+    text = {"personalised": "personalised (each client's own model: its adapters and head on the backbone as it "
+                            "last downloaded it)",
+            "global": "global (the server's model on the union of the test splits)"}
+    out = ", ".join(text[k] for k in kinds)
+    if "personalised" not in kinds:
+        out += "; clients are scored with the global model as each last downloaded it"
+    if "global" not in kinds:
+        out += "; no global model"
+    return out
 
 
 def _invocation() -> str:

@@ -369,7 +369,7 @@ def test_fedrot_soft_rotation_interpolates():
 def test_fedrot_engine_uploads_rotated_factors_and_is_invariant_to_client_rotations():
     results = []
     for pre in (False, True):
-        sim = lora_sim("fedrot-lora", rounds=2, fraction=1.0)
+        sim = lora_sim("fedrot-lora", rounds=3, fraction=1.0)
         m = sim.method
         orig_train = m.train
 
@@ -379,13 +379,14 @@ def test_fedrot_engine_uploads_rotated_factors_and_is_invariant_to_client_rotati
             with torch.no_grad():
                 for key in ad.lora_A:
                     a, b = ad.factors(key)
-                    if pre:  # an equivalent client: the same B A in another basis
+                    if pre and client.round > 1:  # an equivalent client: the same B A in another basis
+                        # (not in round 1, which aligns nothing, as the official code)
                         q = _rot(a.shape[0], 1000 * client.round + client.id).float()
                         ad.lora_A[key].weight.copy_(q @ a)
                         ad.lora_B[key].weight.copy_(b @ q.T)
 
         m.train = train
-        for t in (1, 2):  # round 1 aligns A, round 2 B
+        for t in (1, 2, 3):  # round 1 aligns nothing, round 2 A, round 3 B
             res = sim.run_round(t)
             for row in res.rows:
                 assert row.bytes_up == row.bytes_down == _p(sim) + _head_bytes(sim)
@@ -587,7 +588,7 @@ def test_list_methods_shows_papers_and_reconstruction_flags(capsys):
     assert e.value.code in (0, None)
     out = capsys.readouterr().out
     want = {"fedex-lora": ["--fedex-residual"], "lora-fair": ["--fair-solver", "--fair-lambda"],
-            "fedrot-lora": ["--fedrot-align"], "frlora": ["--frlora-download"], "fedloru": []}
+            "fedrot-lora": [], "frlora": ["--frlora-download"], "fedloru": []}
     blocks = {}
     for block in out.split("\n\n"):
         head = block.strip().split(" ", 1)[0]

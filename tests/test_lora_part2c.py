@@ -226,7 +226,7 @@ def _changed(s0, s1, f):
 
 
 def test_a_and_b_untouched_in_c_only_phases():
-    sim = lora_sim("ce-lora", rounds=2, fraction=1.0)  # train-AB-first
+    sim = lora_sim("ce-lora", celora_init="train-AB-first", rounds=2, fraction=1.0)
     start = _lora_state(sim.clients[0])
     sim.run_round(1)
     warm = [_lora_state(c) for c in sim.clients]
@@ -477,7 +477,7 @@ def test_five_round_smoke_run(method, kw):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(method="ce-lora", celora_init="B-first"), r"--celora-init .* 'B-first'; choose from: train-AB-first"),
+    (dict(method="ce-lora", celora_init="B-first"), r"--celora-init .* 'B-first'; choose from: train-ABC, train-AB-first"),
     (dict(method="ce-lora", celora_weights="cosine"), r"--celora-weights .*'cosine'; choose from"),
     (dict(method="ce-lora", celora_temperature=0), r"--celora-temperature .* must be > 0"),
     (dict(method="ce-lora", celora_mix=1.5), r"--celora-mix .* must be <= 1"),

@@ -41,6 +41,18 @@ def fedit_error(ps, As, Bs, s: float) -> torch.Tensor:
     return ideal_update(ps, As, Bs, [s] * len(ps)) - s * (b_bar @ a_bar)
 
 
+def deviation_parts(ps, ends, starts, agg) -> tuple[float, float]:
+    """The two squared norms of D_t (the aggregation deviation) for one tensor: ||agg - sum_i p_i end_i||_F^2 (what the
+    server's aggregate misses of the FedAvg of the clients' end states) and ||sum_i p_i (end_i - start_i)||_F^2
+    (the round's FedAvg movement), in float64. ``ends`` / ``starts``: each client's tensor at the end and the
+    start of its local round (effective updates s B A, or a shared factor alone for a personalised method's
+    shared part); ``agg`` what the server keeps. D_t = sqrt(sum of the first / sum of the second) over the
+    tensors of a model (or of a cluster)."""
+    ideal = weighted_sum(ps, [e.double() for e in ends])
+    moved = ideal - weighted_sum(ps, [s.double() for s in starts])
+    return frob2(agg.double() - ideal), frob2(moved)
+
+
 def zero_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """Pad factor ``x`` with zeros along its rank dimension ``dim`` (0 for A, 1 for B) to rank r."""
     if x.shape[dim] == r:

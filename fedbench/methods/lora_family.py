@@ -14,6 +14,8 @@ Metrics every round (spec §5), reported as named metrics:
   over all adapted matrices together (one Frobenius norm of their concatenation), W the effective
   weights (backbone, merges included, + s B A) of the shared part; not defined for personalised methods;
 * ``agg_deviation_abs``: its numerator.
+A personalised method with a shared part reports the same ratio on that part alone as
+``agg_deviation_shared`` (FedSA-LoRA: A; CE-LoRA: the FedAvg of C), in the shared tensors' own space.
 Methods add their own (FedIT's factor error, truncation error per rank, energy ratio).
 """
 
@@ -36,6 +38,7 @@ from fedbench.models.cnn import ModuleSpec, linear_spec
 
 BACKBONES = ("vit", "resnet", "smollm2", "char-lm")  # the last two: language tier (fedbench/lm)
 HEADS = ("shared", "local", "frozen")
+EVALUATIONS = ("personalised", "global")  # the evaluation kinds a method may have (FederatedLoRA.evaluations)
 
 
 @dataclass
@@ -92,6 +95,13 @@ def copy_strict(method: str, part: str, slots: dict, tensors: dict) -> None:
         slots[key].copy_(t)
 
 
+def report_deviation_parts(server: Server, name: str, num: float, den: float) -> None:
+    """Report D_t from its summed squared parts (``algebra.deviation_parts``): ``name`` the relative value,
+    ``name + "_abs"`` the numerator."""
+    server.report(f"{name}_abs", num ** 0.5)
+    server.report(name, (num / den) ** 0.5 if den > 0 else 0.0)
+
+
 class FederatedLoRA(Method):
     """Base of the federated-LoRA methods. Subclasses set the class attributes and ``aggregate``."""
 
@@ -101,6 +111,16 @@ class FederatedLoRA(Method):
     trains: ClassVar[tuple[str, ...]] = ("A", "B")   # factors a client trains
     sends: ClassVar[tuple[str, ...]] = ("A", "B")    # factors that travel (up and down)
     personalised: ClassVar[bool] = False              # no global model (D_t and global accuracy undefined)
+    evaluations: ClassVar[tuple[str, ...]] = EVALUATIONS
+    """The evaluation kinds the method has (shown by ``fedbench list methods`` and in the report):
+    * ``"personalised"``: each client is scored on its own test split with the model it holds: its adapters
+      (and head) as its last local training left them, on the backbone as it last downloaded it (merges
+      made since are not counted: ``merge_log.client_view``); a client that never took part, its start;
+    * ``"global"``: the server's model is scored on the union of the clients' test splits (undefined with
+      ``--head local``: no global head).
+    Default: both. A method without a global model (``personalised = True``) declares ``("personalised",)``;
+    one without ``"personalised"`` would score its clients with the global model, which the report's
+    personalised table marks."""
 
     Params = LoRAParams
 
@@ -406,8 +426,7 @@ class FederatedLoRA(Method):
             glob = nxt[k] + self._merged.get(k, 0)
             num += algebra.frob2(glob - ideal)
             den += algebra.frob2(ideal - start[k])
-        server.report("agg_deviation_abs", num ** 0.5)
-        server.report("agg_deviation", (num / den) ** 0.5 if den > 0 else 0.0)
+        report_deviation_parts(server, "agg_deviation", num, den)
 
     # --- evaluation ------------------------------------------------------------------------------
     def predict(self, client: Client, x: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,20 @@ def error_table(df: pd.DataFrame) -> Table | None:
     return t
 
 
+def global_scored(df: pd.DataFrame) -> set[str]:
+    """The variants whose client score is the global model: federated-LoRA methods whose declared
+    evaluation kinds (``FederatedLoRA.evaluations``) lack "personalised"."""
+    from fedbench.methods.lora_family import FederatedLoRA
+    from fedbench.registry import methods
+    reg = methods()
+    out = set()
+    for v, m in df.groupby("variant", sort=False)["method"].first().items():
+        cls = reg.get(m)
+        if isinstance(cls, type) and issubclass(cls, FederatedLoRA) and "personalised" not in cls.evaluations:
+            out.add(v)
+    return out
+
+
 def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy") -> Table:
     """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best.
     The first row names each column's summary (a CSV has no caption)."""
@@ -191,8 +205,13 @@ def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accurac
                     p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
                 c.mark = p >= alpha
             cells[(v, s)] = c
+    by_global = global_scored(df) if column == "accuracy" else set()  # a client score that is the global model
     for v in variants:
-        t.rows.append([Cell(v)] + [cells[(v, s)] for s in settings])
+        t.rows.append([Cell(v + (" (global model)" if v in by_global else ""))] + [cells[(v, s)] for s in settings])
+    if by_global:
+        t.notes.append("(global model): the method has no personalised model (its evaluation kinds lack "
+                       "\"personalised\"): its clients are scored with the global model as each last "
+                       "downloaded it, not with a model of their own.")
     if (df.groupby(["variant", "setting"]).size() < 2).any():
         t.notes.append("Cells with a single seed get no significance mark.")
     for (v, s), sub in df.groupby(["variant", "setting"], sort=False):

@@ -1,8 +1,8 @@
-"""CE-LoRA, tri-matrix personalised LoRA (Li et al., arXiv 2503.23869; spec §3.15).
+"""CE-LoRA, tri-matrix personalised LoRA (Li, Liu, Huang, Zhang, Yuan, Hong, arXiv 2503.23869).
 
     adapter:  W_eff = W0 + s B C A  (PEFT layout: A r x d_in, C r x r, B d_out x r; fedbench/lora/trimatrix.py)
               A, B (and C's start) from one seed shared by all clients: nothing but C ever travels
-    client i: load its C; train (C, and in the warm-up A and B; see --celora-init); send C       r^2 up
+    client i: load its C; train A, C and B (see --celora-init); send C                              r^2 up
               (with --celora-weights similarity also its label histogram: num_classes values)
     server:   uniform:    C <- sum_j p_j C_j for everyone (FedAvg of C)
               similarity: C_i <- sum_j w_ij C_j,  w_ij = p_j e^{sim_ij / tau} / sum_k p_k e^{sim_ik / tau}
@@ -10,20 +10,27 @@
                           h: label histograms (data space), C_0 the common start of C (parameter space)
     download: the client's own C_i of its last round (a client never seen: sum_j p_j C_j)          r^2 down
 Personalised: no global model (neither global accuracy nor D_t is defined). The head follows --head.
+D_t of the shared part, ``agg_deviation_shared``: ||C̄ - sum_j p_j C_j|| / ||sum_j p_j (C_j - C_j^start)||
+with C̄ the server's FedAvg of C and C_j^start the C client j downloaded (0 when C̄ is the p-weighted mean).
 
-Why --celora-init (spec §6.5): with B = 0 frozen, dL/dC = s B^T g (A x)^T = 0 exactly, so the reference
-start (A ~ N(0, 1e-3^2), B = 0, C = I) and C-only training never move C.
-* ``train-AB-first`` [reconstruction]: A Kaiming, B = 0, C = I; in a client's first participation it
-  trains A, B and C, afterwards C only. A and B stay on the client, so after its warm-up the C's of two
-  clients act in different bases (their mix is a personalised regulariser, not a FedAvg of updates).
+Local training (``--celora-init``):
+* ``train-ABC`` (default): Algorithm 1 of the paper and the official code (1503552056/CE-LoRA,
+  ``models/base_models.py``: ``TRAIN_ABC = True``, every A, B and C trainable, ``train_c_only=False``)
+  train A, C and B in every round and send only C; A and B stay on the client. The start is the code's
+  ``LinearLoRATriple`` initialisation: A ~ N(0, 1e-3^2), B = 0, C = I (W_eff = W0; B gets a gradient,
+  then C does). After the first round the C's of two clients act in their own A, B bases.
+* ``train-AB-first`` [reconstruction]: fedbench's earlier rule: A Kaiming, B = 0, C = I; A, B and C in a
+  client's first participation, afterwards C only.
 * ``random-B`` [reconstruction]: A and B Kaiming from the shared seed, frozen for the whole run, C = 0
   (W_eff = W0 at the start; with C = I the random s B A would perturb the backbone). All C's share one
   basis, so the uniform rule is exact: s B (sum_j p_j C_j) A = sum_j p_j s B C_j A.
-The similarity rule's formula is not in the material read (spec §3.15): sim, mix and tau are fedbench's
-[reconstruction]; tau -> inf gives the uniform rule, and every row of w sums to one.
+The similarity rule's formula is not in the material read (the official code's server side is not in
+the repository, only a per-class GMM of each client's features is prepared for it): sim, mix and tau are
+fedbench's [reconstruction]; tau -> inf gives the uniform rule, and every row of w sums to one.
 
-``--reference-quirks``: the reference start and C-only training from the first round (the §6.5 defect:
-C keeps zero gradient and only the head learns).
+``--reference-quirks``: the code's C-only mode (``train_c_only=True``: A and B frozen) from its start
+(A ~ N(0, 1e-3^2), B = 0, C = I): with B = 0 frozen, dL/dC = s B^T g (A x)^T = 0 exactly, so
+C keeps zero gradient and only the head learns.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.trimatrix import inject_tri, tri_adapter_spec
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict, report_deviation_parts
 from fedbench.registry import register_method
 
 
@@ -61,18 +68,20 @@ def similarity_weights(ps, hists: torch.Tensor, cores: torch.Tensor, mix: float,
 @register_method("ce-lora")
 class CELoRA(FederatedLoRA):
     code = "1503552056/CE-LoRA (partial)"
-    paper = "Li et al., CE-LoRA: Computation-Efficient LoRA Fine-Tuning for Language Models, arXiv 2503.23869"
-    trains = ("C",)
+    paper = ("Li, Liu, Huang, Zhang, Yuan, Hong, Communication-Efficient and Personalized Federated Foundation "
+             "Model Fine-Tuning via Tri-Matrix Adaptation (CE-LoRA), arXiv 2503.23869")
+    trains = ("A", "C", "B")  # the default (train-ABC); see trainable()
     sends = ("C",)
     personalised = True
+    evaluations = ("personalised",)
 
     @dataclass
     class Params(LoRAParams):
-        celora_init: str = hparam("train-AB-first", "how C gets a gradient (B = 0 frozen gives none): "
-                                                    "train-AB-first (A, B, C in a client's first participation, "
-                                                    "then C only) or random-B (A, B random shared and frozen, "
-                                                    "C = 0)", choices=("train-AB-first", "random-B"),
-                                  marker="reconstruction")
+        celora_init: str = hparam("train-ABC", "local training: train-ABC (A, C and B every round, only C sent: "
+                                               "the paper's Algorithm 1 and the official code), train-AB-first "
+                                               "(A, B, C in a client's first participation, then C only) or "
+                                               "random-B (A, B random shared and frozen, C = 0)",
+                                  choices=("train-ABC", "train-AB-first", "random-B"), marker="reconstruction")
         celora_weights: str = hparam("similarity", "server rule: similarity (personalised C_i = sum_j w_ij C_j "
                                                    "from label-histogram and C similarity) or uniform (FedAvg "
                                                    "of C)", choices=("similarity", "uniform"),
@@ -96,15 +105,15 @@ class CELoRA(FederatedLoRA):
 
     @property
     def tri_init(self) -> str:
-        if self.hp.reference_quirks:
-            return "reference"
+        if self.hp.reference_quirks or self.hp.celora_init == "train-ABC":
+            return "reference"  # the official LinearLoRATriple start
         return "random-b" if self.hp.celora_init == "random-B" else "peft"
 
     def setup(self, server, clients):
         super().setup(server, clients)
         self.layers = inject_tri(server.backbone, self.targets)
         self.personal: dict[int, dict[str, torch.Tensor]] = {}  # client -> its C_i of the last round
-        self.warmed: set[int] = set()                            # clients past their A, B warm-up
+        self.warmed: set[int] = set()                            # clients past their first participation
 
     def spec(self, r: int):
         return tri_adapter_spec(self.targets, r, self.hp.lora_alpha, self.hp.rslora, self.tri_init)
@@ -122,8 +131,12 @@ class CELoRA(FederatedLoRA):
         ad = party.module("lora")
         return {key: m.weight.detach().clone() for key, m in ad.lora_C.items()}
 
+    def core_for(self, server, cid: int) -> dict[str, torch.Tensor]:
+        """The C client ``cid`` downloads: its own of its last round, or (never seen, uniform) the server's."""
+        return self.personal.get(cid) or self.cores_of(server)
+
     def download(self, server, client, state):
-        payload = {"C": self.personal.get(client.id) or self.cores_of(server)}
+        payload = {"C": self.core_for(server, client.id)}
         if self.hp.head == "shared":
             payload["head"] = self.head_of(server)
         return payload
@@ -146,15 +159,19 @@ class CELoRA(FederatedLoRA):
         super().install(party, payload)
 
     # --- local training --------------------------------------------------------------------------
-    def warm_up(self, client) -> bool:
-        """Does this participation train A and B too (train-AB-first, the client's first)?"""
-        return (not self.hp.reference_quirks and self.hp.celora_init == "train-AB-first"
-                and client.id not in self.warmed)
+    def trains_factors(self, client) -> bool:
+        """Does this participation train A and B too (train-ABC: always; train-AB-first: the client's
+        first; random-B and the reference quirks: never)?"""
+        if self.hp.reference_quirks:
+            return False
+        if self.hp.celora_init == "train-ABC":
+            return True
+        return self.hp.celora_init == "train-AB-first" and client.id not in self.warmed
 
     def trainable(self, client):
         ad = client.module("lora")
         params = list(ad.lora_C.parameters())
-        if self.warm_up(client):
+        if self.trains_factors(client):
             params += list(ad.lora_A.parameters()) + list(ad.lora_B.parameters())
         if self.hp.head != "frozen":
             params += list(client.module("head").parameters())
@@ -171,10 +188,17 @@ class CELoRA(FederatedLoRA):
     def aggregate(self, server, uploads):
         ps = [u.weight for u in uploads]
         keys = [t.key for t in self.targets]
+        starts = [self.core_for(server, u.client) for u in uploads]  # what each participant downloaded
         mean = {k: algebra.weighted_sum(ps, [u.payload["C"][k] for u in uploads]) for k in keys}
         ad = server.module("lora")
         for k in keys:  # the FedAvg of C: every client's C (uniform), a newcomer's start (similarity)
             ad.lora_C[k].weight.copy_(mean[k])
+        kept = self.cores_of(server)
+        num = den = 0.0
+        for k in keys:
+            n, d = algebra.deviation_parts(ps, [u.payload["C"][k] for u in uploads], [st[k] for st in starts], kept[k])
+            num, den = num + n, den + d
+        report_deviation_parts(server, "agg_deviation_shared", num, den)
         if self.hp.celora_weights == "uniform":
             return
         w = self.weights(server, uploads)

@@ -149,6 +149,7 @@ class FedLEASE(FederatedLoRA):
     paper = "Wang, Bian, Zhang, Xu, FedLEASE: Adaptive LoRA Experts Allocation and Selection for Federated " \
             "Fine-Tuning, NeurIPS 2025, arXiv 2509.15087"
     personalised = True
+    evaluations = ("personalised",)
 
     @dataclass
     class Params(LoRAParams):

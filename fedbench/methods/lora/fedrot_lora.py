@@ -7,14 +7,23 @@
                 soft (``--fedrot-lambda`` λ < 1): R <- polar((1 - λ) I + λ R)
               send A_k <- R^T A_k, B_k <- B_k R    (the product B_k A_k is unchanged)     P(r) up
     server:   A <- sum_k p_k A_k,  B <- sum_k p_k B_k   (FedAvg of the rotated factors)     P(r) down
-Which factor is aligned (``--fedrot-align``): ``alternate`` (the code's default: by round parity; here
-odd rounds align A, even rounds B, since round 1's reference B is the zero initialisation), ``A`` or
-``B`` (the ablations). With the hard rotation the result does not depend on how a client's factors are
-rotated on input (R absorbs any proper rotation), which is what averaging misaligned factors lacks.
+Which factor is aligned: the official code (haoran-zh/FedRot-LoRA, ``federatedscope/core/workers/
+client.py``, FederatedScope rounds ("states") counted from 0) rotates only when ``state > 0`` ("the first
+round cannot rotate") and then aligns A when ``state % 2 != swap_offset``, else B, where
+``initialshare: 'A'`` (in the configurations read: glue/yamls/base_fedlora2.yaml,
+llm/yamls/base_fedrot_lora.yaml) gives ``swap_offset = 0``: state 0 aligns nothing, state 1
+aligns A, state 2 B, state 3 A, ... In fedbench's 1-based rounds: round 1 nothing, then A in even rounds
+and B in odd ones (``aligned_factor``). ``--fedrot-align`` ``alternate`` is that schedule, ``A`` or ``B``
+the code's ablations (``lora.ablation``: always that factor, still not in the first round).
+``--fedrot-phase early`` [reconstruction] is fedbench's earlier schedule, one round ahead of the code
+(alignment from round 1: A in odd rounds, B in even; the A/B ablations from round 1 too), kept to
+reproduce the readings taken with it; the label names it.
+With the hard rotation the result does not depend on how a client's factors are rotated on input (R
+absorbs any proper rotation), which is what averaging misaligned factors lacks. The code's hard path
+(``rotate_lambda > 1``) takes U V^T without the det fix; its ``rotate_lambda <= 1`` path (λ = 1 included)
+applies the fix; fedbench applies it for every λ.
 Reported: ``fedit_factor_error`` of the rotated factors (the error left after alignment). The rotation
 is client compute, metered by formula (M, the r x r SVD or two for the soft version, R^T A and B R).
-Aligning B while the reference B is still near its zero initialisation fixes little and may rotate A
-arbitrarily: on the synthetic smoke set round 2 (a B round) had a larger factor error than FedIT's.
 """
 
 from __future__ import annotations
@@ -72,9 +81,14 @@ class FedRotLoRA(FederatedLoRA):
 
     @dataclass
     class Params(LoRAParams):
-        fedrot_align: str = hparam("alternate", "factor aligned to the reference: alternate (A in odd rounds, "
-                                                "B in even: the phase is fedbench's), A or B",
-                                    choices=("alternate", "A", "B"), marker="reconstruction")
+        fedrot_align: str = hparam("alternate", "factor aligned to the reference: alternate (the official "
+                                                "schedule: A, then B, then A, ... from round 2; see --fedrot-phase), "
+                                                "A or B (the code's ablations)",
+                                    choices=("alternate", "A", "B"))
+        fedrot_phase: str = hparam("reference", "when alignment starts: reference (the official code: round 1 "
+                                                "aligns nothing, round 2 A, round 3 B, ...) or early (fedbench's "
+                                                "earlier schedule, one round ahead: round 1 A, round 2 B, ...)",
+                                   choices=("reference", "early"))
         fedrot_lambda: float = hparam(1.0, "soft rotation polar((1-λ) I + λ R); λ >= 1 is the hard rotation R",
                                       low=0.0)
 
@@ -84,12 +98,17 @@ class FedRotLoRA(FederatedLoRA):
 
     @classmethod
     def label(cls, p) -> str:
-        return super().label(p)[:-1] + f", align={p.fedrot_align}, lambda={p.fedrot_lambda})"
+        phase = "" if p.fedrot_phase == "reference" else f", phase={p.fedrot_phase}"
+        return super().label(p)[:-1] + f", align={p.fedrot_align}{phase}, lambda={p.fedrot_lambda})"
 
-    def aligned_factor(self, t: int) -> str:
+    def aligned_factor(self, t: int) -> str | None:
+        """The factor aligned in (1-based) round ``t``, or None: the official code's state is t - 1."""
+        state = t if self.hp.fedrot_phase == "early" else t - 1  # "early": fedbench's old phase
+        if state <= 0:
+            return None
         if self.hp.fedrot_align != "alternate":
             return self.hp.fedrot_align
-        return "A" if t % 2 == 1 else "B"
+        return "A" if state % 2 == 1 else "B"
 
     def client_update(self, client, payload):
         self.install(client, payload)
@@ -102,6 +121,8 @@ class FedRotLoRA(FederatedLoRA):
     @torch.no_grad()
     def align(self, client, ref: dict) -> None:
         on = self.aligned_factor(client.round)
+        if on is None:
+            return
         ad = client.module("lora")
         for t in self.targets:
             a, b = ad.factors(t.key)

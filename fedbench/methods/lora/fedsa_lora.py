@@ -3,13 +3,14 @@
     client k: load the global A; train A and B; send A                                r d_in up and down
     server:   A <- sum_k p_k A_k;  B (and, in the reference configs, the head) stays on the client
 Personalised: each client is evaluated with its own B; there is no global model, so neither global
-accuracy nor D_t is defined.
+accuracy nor D_t is defined. D_t of the shared part, ``agg_deviation_shared``: the same ratio on A alone,
+||A^{t+1} - sum_k p_k A_k|| / ||sum_k p_k (A_k - A^t)|| (0 when the server keeps the p-weighted mean).
 """
 
 from __future__ import annotations
 
 from fedbench.lora import algebra
-from fedbench.methods.lora_family import FederatedLoRA
+from fedbench.methods.lora_family import FederatedLoRA, report_deviation_parts
 from fedbench.registry import register_method
 
 
@@ -20,6 +21,7 @@ class FedSALoRA(FederatedLoRA):
     trains = ("A", "B")
     sends = ("A",)
     personalised = True
+    evaluations = ("personalised",)
 
     @classmethod
     def display_name(cls) -> str:
@@ -27,5 +29,12 @@ class FedSALoRA(FederatedLoRA):
 
     def aggregate(self, server, uploads):
         ps = [u.weight for u in uploads]
+        start = self.factors_of(server, ("A",))["A"]  # what every participant downloaded
         A = {t.key: algebra.weighted_sum(ps, [u.payload["A"][t.key] for u in uploads]) for t in self.targets}
         self.set_global(server, A=A)
+        kept = self.factors_of(server, ("A",))["A"]
+        num = den = 0.0
+        for k in kept:
+            n, d = algebra.deviation_parts(ps, [u.payload["A"][k] for u in uploads], [start[k]] * len(ps), kept[k])
+            num, den = num + n, den + d
+        report_deviation_parts(server, "agg_deviation_shared", num, den)

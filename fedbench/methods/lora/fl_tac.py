@@ -10,6 +10,11 @@ The clustering never sees a task id; the true ids give only the reported ``fltac
 (Hungarian-matched share of submissions whose cluster is their task's, scipy's linear_sum_assignment).
 ``fltac_factor_error`` is FedIT's factor error inside the clusters (the within-cluster average is FedIT),
 ``fltac_clusters`` the number of clusters formed (K, or fewer submissions than K: one cluster each).
+D_t per cluster, ``agg_deviation_c{k}`` (k the K-means label of the round):
+||s B̄_k Ā_k - sum_i w_i s B_i A_i||_F / ||sum_i w_i s (B_i A_i - B_i^0 A_i^0)||_F over the cluster's
+submissions i (w_i their sample-count weights, B_i^0 A_i^0 the adapter the submission downloaded), all
+adapted matrices together; ``agg_deviation`` / ``agg_deviation_abs`` pool every cluster's (the numerator
+is FedIT's factor error inside the clusters: ``agg_deviation_abs`` = ``fltac_factor_error``).
 
 The multi-task setting is fedbench's [reconstruction] of the paper's (GLUE tasks / datasets as tasks) on
 one classification dataset: ``--tasks K`` splits the classes into K contiguous groups (np.array_split of
@@ -43,7 +48,7 @@ from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.layers import activate
 from fedbench.metering.algebra import product_macs
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict
+from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, copy_strict, report_deviation_parts
 from fedbench.registry import register_method
 from fedbench.seeding import derive
 
@@ -117,6 +122,11 @@ def task_groups(num_classes: int, tasks: int) -> torch.Tensor:
     for j, group in enumerate(np.array_split(np.arange(num_classes), tasks)):
         out[torch.as_tensor(group)] = j
     return out
+
+
+def effective(adapter: dict, key: str, s: float) -> torch.Tensor:
+    """s B A of one adapter's target ``key`` ({"A": {key: ...}, "B": {key: ...}}), float64, matrix form."""
+    return s * (algebra.as_matrix(adapter["B"][key]).double() @ algebra.as_matrix(adapter["A"][key]).double())
 
 
 def combine(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
@@ -271,16 +281,24 @@ class FLTAC(FederatedLoRA):
         labels, _ = kmeans(x, k, self.hp.fltac_kmeans_init, derive(self.run.seed, "fltac-kmeans", server.round),
                            count=server.count_macs)
         s = server.module("lora").scaling
-        self.clusters, err = [], 0.0
+        starts = [self.assigned.get((cid, slot), self.start) for cid, slot, _ in subs]  # what each downloaded
+        self.clusters, err, num, den = [], 0.0, 0.0, 0.0
         for c in range(k):
             members = [i for i in range(len(subs)) if int(labels[i]) == c]
             ns = [float(subs[i][2]["n"]) for i in members]
             ws = [n / sum(ns) for n in ns]
             agg = {f: {key: algebra.weighted_sum(ws, [subs[i][2][f][key] for i in members]) for key in keys}
                    for f in ("A", "B")}
+            n_c = d_c = 0.0
             for key in keys:
                 err += algebra.frob2(algebra.fedit_error(ws, [subs[i][2]["A"][key].double() for i in members],
                                                          [subs[i][2]["B"][key].double() for i in members], s))
+                n, d = algebra.deviation_parts(ws, [effective(subs[i][2], key, s) for i in members],
+                                               [effective(starts[i], key, s) for i in members],
+                                               effective(agg, key, s))
+                n_c, d_c = n_c + n, d_c + d
+            report_deviation_parts(server, f"agg_deviation_c{c}", n_c, d_c)
+            num, den = num + n_c, den + d_c
             if self.hp.head == "shared":
                 agg["head"] = {p: algebra.weighted_sum(ws, [subs[i][2]["head"][p] for i in members])
                                for p in subs[members[0]][2]["head"]}
@@ -291,6 +309,7 @@ class FLTAC(FederatedLoRA):
         server.report("fltac_cluster_acc", clustering_accuracy(labels.tolist(), truth))
         server.report("fltac_clusters", float(k))
         server.report("fltac_factor_error", err ** 0.5)
+        report_deviation_parts(server, "agg_deviation", num, den)
         return {}
 
     # --- evaluation (task-agnostic) --------------------------------------------------------------

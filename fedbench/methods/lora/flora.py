@@ -7,8 +7,10 @@
               dense``: the merged d_out x d_in update instead)
 The stack is sized from the clients actually received (the reference code assumes full participation).
 The backbone is shared, so every client computes on the latest merged backbone; the stacks a client
-missed are counted in its next download. FLoRA keeps no personal state (the LoRA is reset every round):
-a client is evaluated with the global model.
+missed are counted in its next download. Evaluation (``evaluations``: personalised and global): a client
+is scored with what it holds, the LoRA (and head) it trained in its last round on the backbone as it
+last downloaded it (the stacks merged since are not counted), as the merging methods do (merge_log.py);
+the global model is the latest merged backbone with the server's head.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
-from fedbench.lora.layers import activate, scaling
+from fedbench.lora.layers import scaling
+from fedbench.methods.lora.merge_log import backbone_less
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 from fedbench.seeding import derive
@@ -103,8 +106,16 @@ class FLoRA(FederatedLoRA):
     def scaling_of(self, cid: int) -> float:
         return scaling(self.hp.lora_alpha, self.ranks[cid], self.hp.rslora)
 
+    def missed_merges(self, cid: int) -> dict[str, torch.Tensor]:
+        """The update the stacks merged since client ``cid`` last downloaded add to each target (empty if none)."""
+        missed = [st for t, st in self.stacks if t > self.synced[cid]]
+        if not missed:
+            return {}
+        s = self.server.module("lora").scaling
+        return {k: sum(s * (algebra.as_matrix(st[k][1]).double() @ algebra.as_matrix(st[k][0]).double())
+                       for st in missed) for k in self.layers}
+
     def predict(self, client, x):
-        """No personal LoRA survives a round: the global model (with the client's head if it is local)."""
-        activate(self.layers, self.server.module("lora"))
-        head = client.module("head") if self.hp.head == "local" else self.server.module("head")
-        return head(client.backbone.features(x))
+        """What the client holds: its last round's LoRA and head on the backbone as it last downloaded it."""
+        with backbone_less(self.layers, self.missed_merges(client.id)):
+            return super().predict(client, x)

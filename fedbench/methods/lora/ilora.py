@@ -8,11 +8,19 @@ the control variates are reconstructions (flags below).
               SCAFFOLD-style rank-aware control variates, c the server's of rank r_max sliced to r_k);
               send A_k, B_k (and the control-variate change Δc_k)                      P(r_k) (x2 with cv)
     server:   A_c = [p_1 s_1 A_1; ...; p_N s_N A_N], B_c = [B_1 ... B_N]: ΔW = B_c A_c = sum_k p_k s_k B_k A_k
-              exactly; Q, R = qr(B_c) (the thin d_out x sum r_k factor, not the d_out x d_in ΔW);
-              client k receives B_k = Q[:, :r_k], A_k = (R A_c)[:r_k] / s_k; the global model is rank r_max
-Q has orthonormal columns, so the truncation error of rank r is exactly ||(R A_c)[r:]||_F; reported per
-client rank as ``trunc_err_r{r}`` / ``trunc_err_rel_r{r}`` (not the SVD optimum: QR keeps the leading
-stacked columns, whatever their energy). One QR and one product per matrix per round, metered.
+              exactly; Q, R = qr(B_c) (the thin d_out x sum r_k factor, not the d_out x d_in ΔW), then the
+              small SVD R A_c = U S V^T, so ΔW = (Q U) (S V^T) with Q U orthonormal and the rows of S V^T
+              in decreasing energy; client k receives B_k = (Q U)[:, :r_k], A_k = (S V^T)[:r_k] / s_k, the
+              best rank-r_k approximation of ΔW (Eckart-Young); the global model is its rank-r_max one
+[reconstruction]: the paper's description stops before the server's split. A QR of B_c alone (fedbench's
+earlier rule) keeps the leading stacked columns, i.e. the column space of whichever upload comes first,
+so the result depended on the order of the uploads; the SVD of the small R A_c factor makes it
+order-invariant (up to numerical rounding) for the cost of one (sum r_k) x d_in SVD. The sign of each
+singular pair is fixed (the largest-magnitude entry of each column of Q U is positive) so that the
+downloaded factors, not only their products, do not depend on the order either.
+The truncation error of rank r is exactly ||(S V^T)[r:]||_F = sqrt(sum_{j>r} σ_j^2); reported per client
+rank as ``trunc_err_r{r}`` / ``trunc_err_rel_r{r}``. One QR, one SVD and three products per matrix per
+round, metered.
 
 Control variates (SCAFFOLD option II, [reconstruction]): with K local steps at learning rate eta,
 c_k+ = c_k - c + (x - y_k) / (K eta) (x the downloaded factors, y_k the trained ones), Δc_k = c_k+ - c_k;
@@ -40,10 +48,12 @@ from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
 
-def concat_qr(ps, As, Bs, ss, r_min_cols: int = 0, count=None):
-    """ILoRA's exact aggregate in factored form: (Q, R A_c) with Q R = qr(B_c), Q^T Q = I, and
-    Q (R A_c) = sum_k p_k s_k B_k A_k. Zero columns pad B_c to at least ``r_min_cols`` so Q has that
-    many orthonormal columns."""
+def stacked_svd(ps, As, Bs, ss, r_min_cols: int = 0, count=None):
+    """ILoRA's exact aggregate in factored, energy-ordered form: (U, SV) with U = Q U' orthonormal
+    (d_out x m), SV = S V'^T (m x d_in), U SV = sum_k p_k s_k B_k A_k, where Q R = qr(B_c) and
+    U' S V'^T = svd(R A_c); U[:, :r] SV[:r] is the best rank-r approximation. Zero columns pad B_c to at
+    least ``r_min_cols`` so U has that many orthonormal columns. Independent of the order of the uploads:
+    each singular pair's sign is fixed by the largest-magnitude entry of its column of U."""
     a_c, b_c = algebra.stack(ps, As, Bs, ss, 1.0)
     if b_c.shape[1] < r_min_cols:
         a_c = algebra.zero_pad(a_c, r_min_cols, 0)
@@ -53,19 +63,25 @@ def concat_qr(ps, As, Bs, ss, r_min_cols: int = 0, count=None):
     q, rr = torch.linalg.qr(b_c)
     if count is not None:
         count(product_macs(rr.shape[0], rr.shape[1], a_c.shape[1]))
-    return q, rr @ a_c
+    u, sv, vh = algebra.svd(rr @ a_c, count)
+    u = q @ u
+    if count is not None:
+        count(product_macs(q.shape[0], q.shape[1], u.shape[1]) + product_macs(sv.shape[0], 1, vh.shape[1]))
+    peak = u.gather(0, u.abs().argmax(dim=0, keepdim=True))
+    sign = torch.where(peak < 0, -1.0, 1.0).to(u.dtype)
+    return u * sign, (sign.T * sv[:, None]) * vh
 
 
 def split(q: torch.Tensor, ra: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Client factors of rank r and scaling s: B = Q[:, :r], A = (R A_c)[:r] / s."""
+    """Client factors of rank r and scaling s: B = U[:, :r], A = (S V^T)[:r] / s."""
     return q[:, :r].clone(), ra[:r] / s
 
 
 @register_method("ilora")
 class ILoRA(FederatedLoRA):
     code = "none found"
-    paper = "Zhou, Liu, Shang, ILoRA, arXiv 2511.16069 (no code found; server split and control variates " \
-            "reconstructed)"
+    paper = "Zhou, Liu, Shang, ILoRA, arXiv 2511.16069 (no code found; server split (QR + SVD of the stacked " \
+            "update) and control variates reconstructed)"
     heterogeneous_ranks = True
 
     @dataclass
@@ -82,11 +98,11 @@ class ILoRA(FederatedLoRA):
 
     @classmethod
     def label(cls, p) -> str:
-        return super().label(p)[:-1] + f", init={p.ilora_init}, cv={p.ilora_cv})"
+        return super().label(p)[:-1] + f", init={p.ilora_init}, cv={p.ilora_cv}, split=qr+svd [reconstruction])"
 
     def setup(self, server, clients):
         super().setup(server, clients)
-        self.factors: dict[str, tuple] = {}   # key -> (Q, R A_c) of the last aggregate
+        self.factors: dict[str, tuple] = {}   # key -> (Q U, S V^T) of the last aggregate
         self.cv = self.hp.ilora_cv == "on"
         self.c: dict[str, dict] = {}          # the server's control variate, rank r_max
         self.ck: dict[int, dict] = {}         # each client's, rank r_k
@@ -181,7 +197,7 @@ class ILoRA(FederatedLoRA):
             As = [u.payload["A"][t.key].reshape(u.payload["A"][t.key].shape[0], -1) for u in uploads]
             Bs = [u.payload["B"][t.key].reshape(u.payload["B"][t.key].shape[0], -1) for u in uploads]
             ss = [self.rate(u.client) for u in uploads]
-            q, ra = concat_qr(ps, As, Bs, ss, self.r_global, server.count_macs)
+            q, ra = stacked_svd(ps, As, Bs, ss, self.r_global, server.count_macs)
             shape_a = self.server.module("lora").lora_A[t.key].weight.shape
             self.factors[t.key] = (q, ra.reshape(ra.shape[0], *shape_a[1:]))
             B_g[t.key], A_g[t.key] = split(q, self.factors[t.key][1], self.r_global, s_g)

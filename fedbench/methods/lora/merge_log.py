@@ -76,23 +76,30 @@ class MergeLog:
             return payload["merged"][key].double()
         return sum((entry_delta(p, key) for p in payload.get("merges", {}).values()), 0)
 
-    @contextlib.contextmanager
     def client_view(self, layers: dict, cid: int):
         """Within the block, the shared backbone's adapted layers are as client ``cid`` last received
         them (restored bit for bit afterwards)."""
         missed = self.missed(cid)
-        if not missed:
-            yield
-            return
-        saved = {k: layer.base.weight.detach().clone() for k, layer in layers.items()}
-        try:
-            for k, layer in layers.items():
-                layer.merge(-sum(entry_delta(p, k) for _, p in missed))
-            yield
-        finally:
-            with torch.no_grad():
-                for k, layer in layers.items():
-                    layer.base.weight.copy_(saved[k])
+        return backbone_less(layers, {k: sum(entry_delta(p, k) for _, p in missed) for k in layers} if missed else {})
+
+
+@contextlib.contextmanager
+def backbone_less(layers: dict, deltas: dict):
+    """Within the block, each adapted layer ``layers[k]`` of the shared backbone less ``deltas[k]`` (the
+    merges a client has not downloaded: its view of the backbone); restored bit for bit afterwards.
+    Nothing to subtract (empty ``deltas``): the backbone as it is."""
+    if not deltas:
+        yield
+        return
+    saved = {k: layers[k].base.weight.detach().clone() for k in deltas}
+    try:
+        for k, d in deltas.items():
+            layers[k].merge(-d)
+        yield
+    finally:
+        with torch.no_grad():
+            for k, w in saved.items():
+                layers[k].base.weight.copy_(w)
 
 
 class MissedMerges:

@@ -27,6 +27,7 @@ class LoRALocal(FederatedLoRA):
     heterogeneous_ranks = True
     sends = ()
     personalised = True
+    evaluations = ("personalised",)
 
     @classmethod
     def display_name(cls) -> str:
