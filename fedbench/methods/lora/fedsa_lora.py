@@ -1,15 +1,20 @@
 """FedSA-LoRA, share A and keep B local (Guo et al., ICLR 2025; spec §3.3).
 
     client k: load the global A; train A and B; send A                                r d_in up and down
-    server:   A <- sum_k p_k A_k;  B (and, in the reference configs, the head) stays on the client
+    server:   A <- sum_k p_k A_k;  B and the head stay on the client
+The head is local by default, as in the official configuration (Pengxin-Guo/FedSA-LoRA's GLUE config
+lists lora_B and the classifier as FederatedScope local parameters; ``--head shared`` averages it instead).
 Personalised: each client is evaluated with its own B; there is no global model, so neither global
 accuracy nor D_t is defined.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from fedbench.hparams import hparam
 from fedbench.lora import algebra
-from fedbench.methods.lora_family import FederatedLoRA
+from fedbench.methods.lora_family import HEADS, FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
 
@@ -19,6 +24,11 @@ class FedSALoRA(FederatedLoRA):
     trains = ("A", "B")
     sends = ("A",)
     personalised = True
+
+    @dataclass
+    class Params(LoRAParams):
+        head: str = hparam("local", "classifier head: local (never sent: the official configuration), shared "
+                                    "(averaged) or frozen (random, never trained)", choices=HEADS)
 
     @classmethod
     def display_name(cls) -> str:

@@ -20,8 +20,8 @@ import torch
 
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
-from fedbench.lora.layers import activate, scaling
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
+from fedbench.lora.layers import activate
+from fedbench.methods.lora_family import FederatedLoRA, RankScalingParams
 from fedbench.registry import register_method
 from fedbench.seeding import derive
 
@@ -32,7 +32,7 @@ class FLoRA(FederatedLoRA):
     heterogeneous_ranks = True
 
     @dataclass
-    class Params(LoRAParams):
+    class Params(RankScalingParams):
         flora_download: str = hparam("stack", "what a client downloads: the stacked factors it missed (stack) "
                                               "or the merged dense update (dense)", choices=("stack", "dense"))
 
@@ -100,7 +100,7 @@ class FLoRA(FederatedLoRA):
         self.stacks.append((server.round, stacked))
 
     def scaling_of(self, cid: int) -> float:
-        return scaling(self.hp.lora_alpha, self.ranks[cid], self.hp.rslora)
+        return self.client_scaling(self.ranks[cid])
 
     def predict(self, client, x):
         """No personal LoRA survives a round: the global model (with the client's head if it is local)."""
