@@ -290,6 +290,7 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
     from fedbench.data.partition import PARTITIONERS
     from fedbench.data.sources import DATASETS
     from fedbench.models.cnn import CNN_WIDTHS
+    from fedbench.presets import describe as describe_preset
     from fedbench.registry import methods
 
     if what == "methods":
@@ -307,6 +308,8 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
                     what_ = "heterogeneous ranks" if getattr(cls, "heterogeneous_ranks", False) else "one rank for all"
                 out.print(f"[bold]{name}[/bold]  ({what_}; broadcast to {cls.push} clients)")
                 out.print(f"  paper: {cls.paper}", markup=False)
+                for line in describe_preset(name):
+                    out.print(line, markup=False)
                 fields = dataclasses.fields(cls.Params)
                 recon = [hparams.option_name(f.name) for f in fields if f.metadata.get("marker") == "reconstruction"]
                 if recon:
