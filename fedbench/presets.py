@@ -175,3 +175,12 @@ def run_label(cfg, method_label: str) -> str:
     over = overridden(cfg)
     extra = f"; overridden: {', '.join('--' + k.replace('_', '-') for k in over)}" if over else ""
     return f"{method_label} [preset {cfg.preset}{extra}]"
+
+
+def describe(method: str) -> list[str]:
+    """The lines ``fedbench list methods`` prints for a method's reference preset (none without one)."""
+    ref = reference_of(method)
+    if ref is None:
+        return []
+    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ref.values.items())
+    return [f"  follows: {ref.source}", f"  --preset reference: {opts}"] + [f"      {n}" for n in ref.notes]

@@ -83,3 +83,13 @@ def test_bad_preset_and_method_without_reference_are_one_line_errors(capsys):
             main(args)
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert e.value.code == 2 and len(err) == 1 and "preset" in err[0] and "Traceback" not in err[0], err
+
+
+def test_preset_in_a_sweep_file():
+    from fedbench.sweep import parse_sweep
+    doc = {"base": {"dataset": "synthetic", "clients": 5, "preset": "reference", "lr": 0.1},
+           "axes": {"method": ["flasc", "fedex-lora"]}}
+    cfgs = {c.method: c for c in parse_sweep(doc, "t.toml").configs}
+    assert cfgs["flasc"].optimizer == "sgd" and cfgs["flasc"].method_params["server_wd"] == 0.01
+    assert cfgs["fedex-lora"].method_params["rank"] == 4 and cfgs["fedex-lora"].agg_weight == "uniform"
+    assert cfgs["flasc"].lr == cfgs["fedex-lora"].lr == 0.1  # [base] options are given: they win
