@@ -182,5 +182,12 @@ def describe(method: str) -> list[str]:
     ref = reference_of(method)
     if ref is None:
         return []
-    opts = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ref.values.items())
+    opts = " ".join(_option(k, v) for k, v in ref.values.items())
     return [f"  follows: {ref.source}", f"  --preset reference: {opts}"] + [f"      {n}" for n in ref.notes]
+
+
+def _option(name: str, value) -> str:
+    opt = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return opt if value else f"--no-{opt[2:]}"
+    return f"{opt} {value}"
