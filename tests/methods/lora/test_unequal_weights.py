@@ -27,12 +27,11 @@ def test_fedit_weights_both_factors_by_the_data_weights():
 def test_identities_hold_with_unequal_weights(method, exact):
     """A Dirichlet split (unequal client sizes, so unequal p_i): D_t is 0 for the exact rules and FedIT's
     factor error for FedIT, with p_i from the data sizes; the weights are checked to differ."""
-    sim = lora_sim(method, rounds=2, partition="dirichlet", alpha=0.5, fraction=1.0)
+    sim = lora_sim(method, rounds=1, partition="dirichlet", alpha=0.5, fraction=1.0)
     weights = []
     orig = sim.method.aggregate
     sim.method.aggregate = lambda server, ups: (weights.append([u.weight for u in ups]), orig(server, ups))
-    sim.run_round(1)
-    res = sim.run_round(2)
+    res = sim.run_round(1)
     ws = weights[-1]
     assert math.isclose(sum(ws), 1.0) and max(ws) - min(ws) > 0.05, ws  # unequal, not a uniform mean
     if exact:
