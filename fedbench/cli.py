@@ -385,6 +385,7 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
     from fedbench.data.partition import PARTITIONERS
     from fedbench.data.sources import DATASETS
     from fedbench.models.cnn import CNN_WIDTHS
+    from fedbench.presets import describe as describe_preset
     from fedbench.registry import methods
 
     if what == "methods":
@@ -406,6 +407,8 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
                     out.print(f"  official code: {cls.code}", markup=False)
                 if fam == "federated-lora":
                     out.print(f"  evaluation: {_evaluation_text(cls.evaluations)}", markup=False)
+                for line in describe_preset(name):
+                    out.print(line, markup=False)
                 fields = dataclasses.fields(cls.Params)
                 recon = [hparams.option_name(f.name) for f in fields if f.metadata.get("marker") == "reconstruction"]
                 if recon:

@@ -16,6 +16,7 @@ from fedbench.data.transforms import AUGMENTATIONS
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.models.cnn import MODEL_GROUPS
+from fedbench.presets import PRESETS, apply_preset
 
 AGG_WEIGHTS = ("all-splits", "train", "uniform")
 # Evaluation protocols (docs/concepts/protocols.md; spec A.5): who is evaluated, when, with which model.
@@ -90,6 +91,9 @@ class RunConfig:
     seed: int = hparam(42, "master seed: partition, initialisation, sampling, data order, augmentation")
     partition_digest: str = hparam("", "the imported partition a run uses, by its digest (set from --partition-file; "
                                        "the partition and validation options above then do not apply)")
+    preset: str = hparam("common", "settings preset: common (the benchmark's one setting for all methods) or "
+                                   "reference (each federated-LoRA method as its official code or paper sets it; "
+                                   "options given beside it win; see `fedbench list methods`)", choices=PRESETS)
     method_params: dict = field(default_factory=dict)
 
     # -- identity --------------------------------------------------------------------------------
@@ -106,6 +110,9 @@ class RunConfig:
         for k in LATE_FIELDS:
             if d[k] == CORE_FIELDS[k].default:
                 del d[k]
+        for f in dataclasses.fields(self.method_class().Params):  # late method options, likewise
+            if f.metadata.get("late") and d["method_params"].get(f.name, f.default) == f.default:
+                d["method_params"].pop(f.name, None)
         if d["eval_protocol"] == LEGACY_PROTOCOL:  # what every run stored before protocols had a name
             del d["eval_protocol"]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
@@ -140,7 +147,7 @@ class RunConfig:
 
 CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_params"}
 LATE_FIELDS = ("fused_sgd", "optimizer", "lr_schedule", "lr_min", "local_steps", "seq_len", "test_fraction",
-               "min_role_lines", "eval_initial", "eval_val", "partition_digest")
+               "min_role_lines", "eval_initial", "eval_val", "partition_digest", "preset")
 
 # Defaults that depend on the device a run is made on, applied when the user leaves the option unset
 # and stored concretely in the config (so a run's identity never depends on where it is looked up).
@@ -166,6 +173,7 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     from fedbench.registry import get_method
 
     values = {k.replace("-", "_"): v for k, v in values.items() if v is not None}
+    values = apply_preset(values)
     if device_type is not None:
         values = {**DEVICE_DEFAULTS.get(device_type, {}), **values}
     core = {k: v for k, v in values.items() if k in CORE_FIELDS}

@@ -17,14 +17,16 @@ FP32_MAX = 3.4028234663852886e38
 
 def hparam(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
            high: float | None = None, low_open: bool = False, high_open: bool = False,
-           marker: str = "") -> Any:
+           marker: str = "", late: bool = False) -> Any:
     """A dataclass field with CLI help and a range or choice check.
 
     ``marker`` is the spec's source marker for the default (e.g. ``"reconstruction"``); it is shown in
     the help so that a reconstructed choice is never mistaken for a published one.
+    ``late``: a method option added after runs were stored; a run's identity leaves it out while it is at
+    its default, so every earlier run keeps its id (``RunConfig.canonical_json``).
     """
     meta = dict(help=help, choices=choices, low=low, high=high, low_open=low_open,
-                high_open=high_open, marker=marker)
+                high_open=high_open, marker=marker, late=late)
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -28,6 +28,7 @@ from fedbench.data.sources import TEXT_DATASETS, Arrays, load_dataset
 from fedbench.engine.data import FederatedData, build_federated_data
 from fedbench.engine.simulation import RoundResult, Simulation, resolve_device
 from fedbench.errors import ConfigError
+from fedbench.presets import run_label
 from fedbench.store import ClaimLost, Store
 from fedbench.summary import stored_summary as _stored_summary
 
@@ -109,7 +110,7 @@ def prepare(cfg: RunConfig, data_dir: Path | str | None, device: str = "auto",
     """Everything that can fail on user input, done before the store is touched."""
     dev = resolve_device(device)
     arrays = arrays or load_dataset(cfg.dataset, data_dir)
-    label = cfg.method_class().label(method_params_obj(cfg))
+    label = run_label(cfg, cfg.method_class().label(method_params_obj(cfg)))
     if cfg.dataset in TEXT_DATASETS:  # the language tier: tokenised by the backbone's tokenizer
         from fedbench.lm.data import build_token_data
         req = cfg.method_class().backbone_request(method_params_obj(cfg))

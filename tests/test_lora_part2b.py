@@ -86,8 +86,9 @@ def test_flasc_top_k_selection_index_dtype_and_round_trip():
 @pytest.mark.parametrize("down,up", [(0.05, 0.3), (0.25, 1.0), (1.0, 0.01)])
 def test_flasc_bytes_equal_the_density_formula(down, up):
     sim = lora_sim("flasc", flasc_down=down, flasc_up=up, rounds=1, fraction=0.6)
-    n = sum(t.factor_numel(8) for t in sim.method.targets)
-    assert n == 16384 and index_dtype(n) == torch.uint16  # 2-byte indices
+    n_lora = sum(t.factor_numel(8) for t in sim.method.targets)
+    n = n_lora + _head_bytes(sim) // 4  # the shared head is part of theta, inside the density budget
+    assert n_lora == 16384 and index_dtype(n) == torch.uint16  # 2-byte indices
 
     def size(d):
         return 4 * n if d >= 1.0 else (4 + 2) * math.ceil(d * n)
@@ -95,8 +96,8 @@ def test_flasc_bytes_equal_the_density_formula(down, up):
     res = sim.run_round(1)
     for row in res.rows:
         if row.selected:
-            assert row.bytes_down == size(down) + _head_bytes(sim), row
-            assert row.bytes_up == size(up) + _head_bytes(sim), row
+            assert row.bytes_down == size(down), row
+            assert row.bytes_up == size(up), row
         else:
             assert row.bytes_down == row.bytes_up == 0
 
@@ -366,7 +367,11 @@ def test_bad_flags_are_one_line_config_errors():
         lora_config("flasc", ranks="cycle:2,4")
 
 
-SMOKE = {"flasc": dict(flasc_down=0.5, flasc_up=0.25), "fslora": dict(rank=8, ranks="cycle:2,4,8"),
+# FLASC and FSLoRA step the shared head with their server optimiser (as their official code): server SGD at
+# lr 1 (FedAvg of the differences) lets the head learn within 5 rounds; server Adam at 1e-3 / 3e-4 reached
+# 0.43 / 0.42 mean accuracy here (from 0.06), below the smoke bar made for averaged heads.
+SMOKE = {"flasc": dict(flasc_down=0.5, flasc_up=0.25, server_opt="sgd", server_lr=1.0),
+         "fslora": dict(rank=8, ranks="cycle:2,4,8", server_opt="sgd", server_lr=1.0),
          "ilora": dict(ranks="cycle:2,4,8"), "raflora": dict(ranks="cycle:2,4,8")}
 
 
@@ -392,10 +397,10 @@ def _smoke_bytes(sim, method, cid) -> tuple[int, int]:
     m, head = sim.method, _head_bytes(sim)
     per = sum(t.d_in + t.d_out for t in m.targets)
     r = m.ranks[cid]
-    if method == "flasc":
-        n = 8 * per
+    if method == "flasc":  # the shared head is part of theta: inside the density budget
+        n = 8 * per + head // 4
         item = 4 + index_dtype(n).itemsize
-        return item * math.ceil(0.5 * n) + head, item * math.ceil(0.25 * n) + head
+        return item * math.ceil(0.5 * n), item * math.ceil(0.25 * n)
     if method == "fslora":
         return (4 * r * per + r + head,) * 2
     if method == "ilora":

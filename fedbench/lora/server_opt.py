@@ -32,6 +32,18 @@ def server_lr_hparam(default: float) -> float:
     return hparam(default, "server learning rate", low=0.0, low_open=True)
 
 
+def server_wd_hparam() -> float:
+    """The ``--server-wd`` field: the server optimiser's weight decay (0: none; torch.optim.AdamW's own
+    default, 0.01, is what FLASC's and FSLoRA's official code step with)."""
+    return hparam(0.0, "server optimiser weight decay (adamw: decoupled; adam, sgd: added to the gradient)",
+                  low=0.0, late=True)
+
+
+def server_optimizer(p) -> ServerOptimizer:
+    """The server optimiser of a method's options (``server_opt``, ``server_lr``, ``server_wd``)."""
+    return ServerOptimizer(p.server_opt, p.server_lr, weight_decay=p.server_wd)
+
+
 class ServerOptimizer:
     def __init__(self, kind: str = "adam", lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:

@@ -7,7 +7,23 @@ downloads, local training with the run's optimiser, and the aggregation-error me
 
 Head (``--head``): ``shared`` (trained and averaged like the shared factors), ``local`` (trained, never
 sent), ``frozen`` (one seeded random head for all, never trained). The head is a new linear layer on the
-backbone's features for the fine-tuning task's classes.
+backbone's features for the fine-tuning task's classes. Each method's default follows its official code
+(FedSA-LoRA's keeps the classifier local); a method whose official code passes every trainable parameter
+through its own server rule (FLASC, FSLoRA: ``routes_head``) routes a shared head that way instead of
+averaging it beside.
+
+Scaling under heterogeneous ranks (``--rank-scaling``, the methods whose ``Params`` derive from
+``RankScalingParams``): the server keeps the global LoRA at rank r_max with s = alpha / r_max; a client
+of rank r_k applies
+* ``constant`` (default): s_k = alpha / r_max, the global model's scaling, so a client's starting
+  effective weight s_k B[:, :r_k] A[:r_k] is exactly the global model's rank-r_k truncation (FederatedLLM
+  keeps s constant across ranks: lora_alpha = 2 r_k, s = 2 for every client);
+* ``per-rank``: s_k = alpha / r_k (PEFT's convention per client; what fedbench did before: a truncation
+  then starts r_max / r_k times the global model's matching part; FlexLoRA's FederatedScope code merges
+  at 16 / r_k);
+* ``sqrt``: s_k = (alpha / r_max) sqrt(r_max / r_k), the corrective sqrt(r_max / r_k) of FederatedScope's
+  HetLoRA re-implementation (as the spec read it; alpha 16 hard-coded there).
+With rsLoRA, alpha / sqrt(r) replaces alpha / r throughout. With one rank for all the three agree.
 
 Metrics every round (spec §5), reported as named metrics:
 * ``agg_deviation`` D_t = ||W_glob^{t+1} - sum_i p_i W_i^{t,end}||_F / ||sum_i p_i (W_i^{t,end} - W_glob^t)||_F
@@ -32,13 +48,14 @@ from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
 from fedbench.lora.batched import JointTrainer, Member, OptimSettings
-from fedbench.lora.layers import TARGET_PRESETS, Target, activate, adapter_spec, find_targets, inject
+from fedbench.lora.layers import TARGET_PRESETS, Target, activate, adapter_spec, find_targets, inject, scaling
 from fedbench.methods.base import Client, Method, Server, Upload, credit_macs, joint_pass
 from fedbench.models.cnn import ModuleSpec, linear_spec
 
 BACKBONES = ("vit", "resnet", "smollm2", "char-lm")  # the last two: language tier (fedbench/lm)
 HEADS = ("shared", "local", "frozen")
 EVALUATIONS = ("personalised", "global")  # the evaluation kinds a method may have (FederatedLoRA.evaluations)
+RANK_SCALINGS = ("constant", "per-rank", "sqrt")
 
 
 @dataclass
@@ -59,6 +76,27 @@ class LoRAParams:
                                  "never trained)", choices=HEADS)
     reference_quirks: bool = hparam(False, "reproduce the reference code's known defects (spec §6) instead of "
                                            "the paper rule")
+
+
+@dataclass
+class RankScalingParams(LoRAParams):
+    """The options of the methods for heterogeneous ranks that truncate or pad one global LoRA."""
+
+    rank_scaling: str = hparam("constant", "scaling of a client of rank r_k under heterogeneous ranks: constant "
+                                           "(alpha / r_max for all: a client starts at the global model's "
+                                           "truncation, FederatedLLM's rule), per-rank (alpha / r_k) or sqrt "
+                                           "((alpha / r_max) sqrt(r_max / r_k), FederatedScope's)",
+                               choices=RANK_SCALINGS, late=True)
+
+
+def rank_scaling(p, r: int, r_max: int) -> float:
+    """The scaling s_k of a rank-r client when the global LoRA has rank r_max, under ``p.rank_scaling``
+    (``per-rank`` for a method without the option)."""
+    rule = getattr(p, "rank_scaling", "per-rank")
+    if rule == "per-rank" or r == r_max:
+        return scaling(p.lora_alpha, r, p.rslora)
+    s_g = scaling(p.lora_alpha, r_max, p.rslora)
+    return s_g if rule == "constant" else s_g * math.sqrt(r_max / r)
 
 
 def parse_ranks(p: LoRAParams, clients: int) -> list[int]:
@@ -121,6 +159,7 @@ class FederatedLoRA(Method):
     Default: both. A method without a global model (``personalised = True``) declares ``("personalised",)``;
     one without ``"personalised"`` would score its clients with the global model, which the report's
     personalised table marks."""
+    routes_head: ClassVar[bool] = False               # a shared head travels inside the method's own payload
 
     Params = LoRAParams
 
@@ -157,6 +196,8 @@ class FederatedLoRA(Method):
     @classmethod
     def label(cls, p) -> str:
         ranks = f"r={p.rank}" if not p.ranks else f"ranks={p.ranks}"
+        if p.ranks and hasattr(p, "rank_scaling"):
+            ranks += f", scaling={p.rank_scaling}"
         return (f"{cls.display_name()} ({p.backbone}, {ranks}, alpha={p.lora_alpha}{', rsLoRA' if p.rslora else ''}, "
                 f"targets={p.targets}, head={p.head}{', reference quirks' if p.reference_quirks else ''})")
 
@@ -178,7 +219,16 @@ class FederatedLoRA(Method):
         self._merged: dict[str, torch.Tensor] = {}
 
     def spec(self, r: int):
-        return adapter_spec(self.targets, r, self.hp.lora_alpha, self.hp.rslora)
+        """The adapters of a rank-r party: PEFT's alpha / r at the global rank, else ``client_scaling``."""
+        hp = self.hp
+        s = self.client_scaling(r)
+        if s == scaling(hp.lora_alpha, r, hp.rslora):
+            return adapter_spec(self.targets, r, hp.lora_alpha, hp.rslora)
+        return adapter_spec(self.targets, r, s * r, False)
+
+    def client_scaling(self, r: int) -> float:
+        """The scaling a rank-r client applies (``--rank-scaling``; alpha / r for the methods without it)."""
+        return rank_scaling(self.hp, r, self.r_global)
 
     def head_spec(self):
         if getattr(self.server.backbone, "own_head", False):  # an LM's tied head: nothing to add, train or send
@@ -219,8 +269,9 @@ class FederatedLoRA(Method):
         return {k: v.detach().clone() for k, v in party.module("head").named_parameters()}
 
     def with_head(self, payload: dict, party) -> dict:
-        """``payload`` plus the party's head when the head is shared (what every download/upload adds)."""
-        if self.hp.head == "shared":
+        """``payload`` plus the party's head when the head is shared (what every download/upload adds),
+        unless the method routes it inside its own payload."""
+        if self.hp.head == "shared" and not self.routes_head:
             payload["head"] = self.head_of(party)
         return payload
 
@@ -370,7 +421,7 @@ class FederatedLoRA(Method):
         start = None if self.personalised else self.global_deltas(server)
         self._merged: dict[str, torch.Tensor] = {}
         self.aggregate(server, uploads)
-        if self.hp.head == "shared" and uploads:
+        if self.hp.head == "shared" and uploads and not self.routes_head:
             self.average_heads(server, uploads)
         if not self.personalised:
             self.report_deviation(server, uploads, start)

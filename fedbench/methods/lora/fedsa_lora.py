@@ -1,7 +1,9 @@
 """FedSA-LoRA, share A and keep B local (Guo et al., ICLR 2025; spec §3.3).
 
     client k: load the global A; train A and B; send A                                r d_in up and down
-    server:   A <- sum_k p_k A_k;  B (and, in the reference configs, the head) stays on the client
+    server:   A <- sum_k p_k A_k;  B and the head stay on the client
+The head is local by default, as in the official configuration (Pengxin-Guo/FedSA-LoRA's GLUE config
+lists lora_B and the classifier as FederatedScope local parameters; ``--head shared`` averages it instead).
 Personalised: each client is evaluated with its own B; there is no global model, so neither global
 accuracy nor D_t is defined. D_t of the shared part, ``agg_deviation_shared``: the same ratio on A alone,
 ||A^{t+1} - sum_k p_k A_k|| / ||sum_k p_k (A_k - A^t)|| (0 when the server keeps the p-weighted mean).
@@ -9,8 +11,11 @@ accuracy nor D_t is defined. D_t of the shared part, ``agg_deviation_shared``: t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from fedbench.hparams import hparam
 from fedbench.lora import algebra
-from fedbench.methods.lora_family import FederatedLoRA, report_deviation_parts
+from fedbench.methods.lora_family import HEADS, FederatedLoRA, LoRAParams, report_deviation_parts
 from fedbench.registry import register_method
 
 
@@ -22,6 +27,11 @@ class FedSALoRA(FederatedLoRA):
     sends = ("A",)
     personalised = True
     evaluations = ("personalised",)
+
+    @dataclass
+    class Params(LoRAParams):
+        head: str = hparam("local", "classifier head: local (never sent: the official configuration), shared "
+                                    "(averaged) or frozen (random, never trained)", choices=HEADS)
 
     @classmethod
     def display_name(cls) -> str:

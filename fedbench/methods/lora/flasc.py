@@ -1,15 +1,18 @@
 """FLASC, Federated LoRA with Sparse Communication (Kuo et al., arXiv 2406.05233; spec §3.13).
 
-    server:   keeps the dense global LoRA theta (every A and B, flattened in target order, A before B)
+    server:   keeps the dense global LoRA theta (every A and B, flattened in target order, A before B, then
+              the head's weight and bias when the head is shared: the official code's server parameters
+              are every trainable parameter, the classifier included)
     download: m_dl = top-k(|theta|) at density d_dl over the whole vector; send theta[m_dl] + indices
     client:   theta_c <- theta (x) m_dl (zeros elsewhere); train the dense LoRA (all of A and B) from it;
               delta = theta (x) m_dl - theta_c;  send top-k(|delta|) at density d_ul, values + indices
     server:   grad = sum_i delta_i / N  (spec: unweighted over the N participants);
               theta <- ServerOpt(theta, grad)   (Adam, lr 1e-3 by default; fedbench/lora/server_opt.py)
-Sizes: k = ceil(d n) of the n = sum_matrices P(r) entries, each a 4-byte value plus an index in the
-smallest unsigned integer dtype holding n - 1 (uint8 up to n = 256, uint16 up to 65,536, uint32 up to
-2^32, else int64); at density 1.0 the dense vector travels without indices (4 n bytes). The head, when
-shared, travels dense and is averaged as in the rest of the family.
+Sizes: k = ceil(d n) of the n = sum_matrices P(r) (+ head) entries, each a 4-byte value plus an index in
+the smallest unsigned integer dtype holding n - 1 (uint8 up to n = 256, uint16 up to 65,536, uint32 up to
+2^32, else int64); at density 1.0 the dense vector travels without indices (4 n bytes). A shared head is
+part of theta: masked by the same top-k, stepped by the same server optimiser, its bytes inside the
+density budget. A local head never travels; a frozen one is not trained.
 Not exact (factor-space pseudo-gradient, like FedIT's averaging, plus sparsification); D_t is reported.
 Densities 1.0 with ``--server-opt sgd --server-lr 1`` is FedAvg of the factors (tests).
 Not implemented: the reference code's per-round density decay, freeze-to-mask option and DP noise.
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fedbench.hparams import hparam
-from fedbench.lora.server_opt import ServerOptimizer, server_lr_hparam, server_opt_hparam
+from fedbench.lora.server_opt import server_lr_hparam, server_opt_hparam, server_optimizer, server_wd_hparam
 from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
 from fedbench.registry import register_method
 
@@ -67,6 +70,7 @@ def densify(payload: dict[str, torch.Tensor], n: int) -> torch.Tensor:
 class FLASC(FederatedLoRA):
     code = "imkevinkuo/flasc"
     paper = "Kuo et al., Federated LoRA with Sparse Communication (FLASC), arXiv 2406.05233"
+    routes_head = True
 
     @dataclass
     class Params(LoRAParams):
@@ -76,6 +80,7 @@ class FLASC(FederatedLoRA):
                                       "magnitude)", low=0.0, high=1.0, low_open=True)
         server_opt: str = server_opt_hparam()
         server_lr: float = server_lr_hparam(1e-3)
+        server_wd: float = server_wd_hparam()
 
     @classmethod
     def display_name(cls) -> str:
@@ -83,31 +88,37 @@ class FLASC(FederatedLoRA):
 
     @classmethod
     def label(cls, p) -> str:
+        wd = f" wd={p.server_wd}" if p.server_wd else ""
         return super().label(p)[:-1] + f", d_dl={p.flasc_down}, d_ul={p.flasc_up}, server {p.server_opt} " \
-                                       f"lr={p.server_lr})"
+                                       f"lr={p.server_lr}{wd})"
 
     def setup(self, server, clients):
         super().setup(server, clients)
-        self.opt = ServerOptimizer(self.hp.server_opt, self.hp.server_lr)
+        self.opt = server_optimizer(self.hp)
         self.sent: dict[int, torch.Tensor] = {}  # client -> the masked theta it started from
 
-    # --- the flattened LoRA ------------------------------------------------------------------------
-    def flat(self, party) -> torch.Tensor:
+    # --- the flattened LoRA (and shared head) ---------------------------------------------------------
+    def pieces(self, party) -> list[tuple[str, str, torch.Tensor]]:
+        """(part, key, tensor) in theta's order: per target A then B; then the head when it is shared."""
         f = self.factors_of(party, ("A", "B"))
-        return torch.cat([f[part][t.key].reshape(-1) for t in self.targets for part in ("A", "B")])
+        out = [(part, t.key, f[part][t.key]) for t in self.targets for part in ("A", "B")]
+        if self.hp.head == "shared":
+            out += [("head", k, v) for k, v in self.head_of(party).items()]
+        return out
 
-    def unflat(self, vec: torch.Tensor, like) -> tuple[dict, dict]:
-        f = self.factors_of(like, ("A", "B"))
-        out, at = {"A": {}, "B": {}}, 0
-        for t in self.targets:
-            for part in ("A", "B"):
-                shape = f[part][t.key].shape
-                n = math.prod(shape)
-                out[part][t.key] = vec[at:at + n].reshape(shape).clone()
-                at += n
+    def flat(self, party) -> torch.Tensor:
+        return torch.cat([x.reshape(-1) for _, _, x in self.pieces(party)])
+
+    def unflat(self, vec: torch.Tensor, like) -> dict[str, dict]:
+        """{"A": ..., "B": ... (, "head": ...)} of a theta vector, shaped like ``like``'s parameters."""
+        out, at = {}, 0
+        for part, key, x in self.pieces(like):
+            n = x.numel()
+            out.setdefault(part, {})[key] = vec[at:at + n].reshape(x.shape).clone()
+            at += n
         if at != vec.numel():
             raise ValueError(f"FLASC: a vector of {vec.numel()} entries for a LoRA of {at}")
-        return out["A"], out["B"]
+        return out
 
     # --- what travels ----------------------------------------------------------------------------
     def download(self, server, client, state):
@@ -117,10 +128,9 @@ class FLASC(FederatedLoRA):
     @torch.no_grad()
     def install(self, party, payload):
         payload = dict(payload)
-        n = sum(t.factor_numel(self.r_global) for t in self.targets)
+        n = sum(x.numel() for _, _, x in self.pieces(party))
         theta = densify(payload.pop("theta"), n)
-        A, B = self.unflat(theta, party)
-        super().install(party, {"A": A, "B": B, **payload})
+        super().install(party, {**self.unflat(theta, party), **payload})
         self.sent[party.id] = theta
 
     def upload(self, client):
@@ -135,5 +145,9 @@ class FLASC(FederatedLoRA):
         grad = sum(densify(u.payload["delta"], theta.numel()) for u in uploads) / len(uploads)
         params = {"theta": theta}
         self.opt.step(params, {"theta": grad})
-        A, B = self.unflat(params["theta"], server)
-        self.set_global(server, A, B)
+        new = self.unflat(params["theta"], server)
+        self.set_global(server, new["A"], new["B"])
+        if "head" in new:
+            with torch.no_grad():
+                for k, p in server.module("head").named_parameters():
+                    p.copy_(new["head"][k])

@@ -3,6 +3,7 @@
     client k: start from the server's rank-r_k truncation of the global update; train; send A_k, B_k   P(r_k)
     server:   ΔW = sum_k p_k s_k B_k A_k  (full d_out x d_in per matrix);  U, S, V^T = svd(ΔW)
               for each client rank r: B^(r) = U_r diag(S_r) / s_r,  A^(r) = V_r^T   (all of S into B)
+s_k is the client's scaling under ``--rank-scaling`` (FederatedScope's code: per-rank, 16 / r_k).
 Exact up to truncation: a rank-r client starts from T_r(ΔW), losing sqrt(sum_{j>r} sigma_j^2); reported
 per client rank as ``trunc_err_r{r}`` (absolute, over all matrices) and ``trunc_err_rel_r{r}``, with the
 energy ratio ``energy_ratio_rmin`` = sum_{j<=r_min} sigma_j^2 / sum_j sigma_j^2. The server's global
@@ -16,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from fedbench.lora import algebra
-from fedbench.lora.layers import scaling
-from fedbench.methods.lora_family import FederatedLoRA
+from fedbench.methods.lora_family import FederatedLoRA, RankScalingParams
 from fedbench.registry import register_method
 
 
@@ -27,6 +27,7 @@ class FlexLoRA(FederatedLoRA):
     paper = "Bai et al., Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client " \
             "Resources (FlexLoRA), arXiv 2402.11505"
     heterogeneous_ranks = True
+    Params = RankScalingParams
 
     @classmethod
     def display_name(cls) -> str:
@@ -38,7 +39,7 @@ class FlexLoRA(FederatedLoRA):
 
     def rate(self, r: int) -> float:
         """The scaling a rank-r client's update enters ΔW with."""
-        return 16.0 / r if self.hp.reference_quirks else scaling(self.hp.lora_alpha, r, self.hp.rslora)
+        return 16.0 / r if self.hp.reference_quirks else self.client_scaling(r)
 
     def download(self, server, client, state):
         if not self.factors:

@@ -22,9 +22,8 @@ import torch
 
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
-from fedbench.lora.layers import scaling
 from fedbench.methods.lora.merge_log import backbone_less
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
+from fedbench.methods.lora_family import FederatedLoRA, RankScalingParams
 from fedbench.registry import register_method
 from fedbench.seeding import derive
 
@@ -36,7 +35,7 @@ class FLoRA(FederatedLoRA):
     heterogeneous_ranks = True
 
     @dataclass
-    class Params(LoRAParams):
+    class Params(RankScalingParams):
         flora_download: str = hparam("stack", "what a client downloads: the stacked factors it missed (stack) "
                                               "or the merged dense update (dense)", choices=("stack", "dense"))
 
@@ -104,7 +103,7 @@ class FLoRA(FederatedLoRA):
         self.stacks.append((server.round, stacked))
 
     def scaling_of(self, cid: int) -> float:
-        return scaling(self.hp.lora_alpha, self.ranks[cid], self.hp.rslora)
+        return self.client_scaling(self.ranks[cid])
 
     def missed_merges(self, cid: int) -> dict[str, torch.Tensor]:
         """The update the stacks merged since client ``cid`` last downloaded add to each target (empty if none)."""

@@ -10,6 +10,12 @@ spec §3.14, §6.4).
               sends the masked difference delta_i = (theta_sent - theta_i) on the block, and the indices
     server:   grad = sum_i scatter(delta_i) / N  (zero outside each client's block);
               theta <- Adam(theta, grad), lr 3e-4 (--server-opt, --server-lr; fedbench/lora/server_opt.py)
+A shared head is a server parameter like the LoRA (the official code steps every trainable parameter, its
+mask all ones outside lora_A / lora_B): it travels dense, the client sends theta_sent - theta_i for it,
+and the server optimiser steps it with the same sum / N pseudo-gradient.
+Scaling: a client's block is part of the one rank-r LoRA, so its base scaling is the global s under every
+rule; r / k_i is the sketch's own unbiasedness factor. ``--rank-scaling`` therefore admits only
+``constant`` here.
 Sent each way: P(k_i) = k_i (d_in + d_out) 4-byte values per matrix plus the k_i indices once (uint8 for
 r <= 256, else the smallest unsigned dtype holding r - 1), and the head when shared.
 The client holds its block as a rank-k_i LoRA whose scaling is s (r / k_i) (s = alpha / r, or alpha /
@@ -31,9 +37,9 @@ import torch
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.lora.layers import adapter_spec, scaling
-from fedbench.lora.server_opt import ServerOptimizer, server_lr_hparam, server_opt_hparam
+from fedbench.lora.server_opt import server_lr_hparam, server_opt_hparam, server_optimizer, server_wd_hparam
 from fedbench.methods.lora.flasc import index_dtype
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams, parse_ranks
+from fedbench.methods.lora_family import FederatedLoRA, RankScalingParams, parse_ranks
 from fedbench.registry import register_method
 from fedbench.seeding import derive
 
@@ -63,13 +69,15 @@ class FSLoRA(FederatedLoRA):
     code = "wenzhifang/Federated-Sketching-LoRA-Implementation"
     paper = "Fang, Han, Yuan, Hosseinalipour, Brinton, Federated Sketching LoRA (FSLoRA), arXiv 2501.19389"
     heterogeneous_ranks = True
+    routes_head = True
 
     @dataclass
-    class Params(LoRAParams):
+    class Params(RankScalingParams):
         fslora_ratio: float = hparam(0.5, "sketching ratio k / r for every client when --ranks is not given",
                                      low=0.0, high=1.0, low_open=True, marker="reconstruction")
         server_opt: str = server_opt_hparam()
         server_lr: float = server_lr_hparam(3e-4)
+        server_wd: float = server_wd_hparam()
 
     @classmethod
     def display_name(cls) -> str:
@@ -78,11 +86,15 @@ class FSLoRA(FederatedLoRA):
     @classmethod
     def label(cls, p) -> str:
         ks = f"sketch ks={p.ranks}" if p.ranks else f"sketch ratio={p.fslora_ratio}"
-        return super().label(p)[:-1] + f", {ks}, server {p.server_opt} lr={p.server_lr})"
+        wd = f" wd={p.server_wd}" if p.server_wd else ""
+        return super().label(p)[:-1] + f", {ks}, server {p.server_opt} lr={p.server_lr}{wd})"
 
     @classmethod
     def check_config(cls, p, cfg) -> None:
         super().check_config(p, cfg)
+        if p.rank_scaling != "constant":
+            raise ConfigError(f"--rank-scaling {p.rank_scaling} with method fslora: a sketch is a block of the one "
+                              f"rank-r LoRA at its scaling (r / k_i is the sketch's own factor); use constant")
         sketch_sizes(p, cfg.clients)
 
     @classmethod
@@ -98,7 +110,7 @@ class FSLoRA(FederatedLoRA):
         super().setup(server, clients)
         self.ranks = sketch_sizes(self.hp, len(clients))   # k_i: each client's adapter is its block
         self.r_global = self.hp.rank
-        self.opt = ServerOptimizer(self.hp.server_opt, self.hp.server_lr)
+        self.opt = server_optimizer(self.hp)
         self.sent: dict[int, dict] = {}                    # client -> (indices, block it started from)
 
     def client_spec(self, k: int):
@@ -127,7 +139,9 @@ class FSLoRA(FederatedLoRA):
         payload = {"A": {k: a[idx].clone() for k, a in f["A"].items()},
                    "B": {k: b[:, idx].clone() for k, b in f["B"].items()},
                    "index": idx.to(index_dtype(self.r_global))}
-        return self.with_head(payload, server)
+        if self.hp.head == "shared":
+            payload["head"] = self.head_of(server)
+        return payload
 
     @torch.no_grad()
     def install(self, party, payload):
@@ -137,14 +151,17 @@ class FSLoRA(FederatedLoRA):
             raise ValueError(f"FSLoRA: client {party.id} of sketch size {self.ranks[party.id]} got "
                              f"{idx.numel()} indices")
         super().install(party, payload)
-        self.sent[party.id] = {"index": idx, "A": payload["A"], "B": payload["B"]}
+        self.sent[party.id] = {"index": idx, **{p: payload[p] for p in ("A", "B", "head") if p in payload}}
 
     def upload(self, client):
         start = self.sent.pop(client.id)
         end = self.factors_of(client, ("A", "B"))
         payload = {part: {k: start[part][k] - end[part][k] for k in end[part]} for part in ("A", "B")}
+        if "head" in start:
+            end_head = self.head_of(client)
+            payload["head"] = {k: start["head"][k] - end_head[k] for k in end_head}
         payload["index"] = start["index"].to(index_dtype(self.r_global))
-        return self.with_head(payload, client)
+        return payload
 
     # --- server ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -156,6 +173,14 @@ class FSLoRA(FederatedLoRA):
             for k in f["A"]:
                 grads["A", k][idx] += u.payload["A"][k]
                 grads["B", k][:, idx] += u.payload["B"][k]
+        if self.hp.head == "shared":
+            head = dict(server.module("head").named_parameters())
+            for k, p in head.items():
+                f.setdefault("head", {})[k] = p.detach().clone()
+                grads["head", k] = sum(u.payload["head"][k] for u in uploads)
         params = {f"{part}:{k}": f[part][k] for part, k in grads}
         self.opt.step(params, {f"{part}:{k}": g / len(uploads) for (part, k), g in grads.items()})
         self.set_global(server, f["A"], f["B"])
+        if self.hp.head == "shared":
+            for k, p in head.items():
+                p.data.copy_(f["head"][k])

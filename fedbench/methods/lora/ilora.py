@@ -42,9 +42,8 @@ import torch
 
 from fedbench.hparams import hparam
 from fedbench.lora import algebra
-from fedbench.lora.layers import scaling
 from fedbench.metering.algebra import product_macs, qr_macs
-from fedbench.methods.lora_family import FederatedLoRA, LoRAParams
+from fedbench.methods.lora_family import FederatedLoRA, RankScalingParams
 from fedbench.registry import register_method
 
 
@@ -85,7 +84,7 @@ class ILoRA(FederatedLoRA):
     heterogeneous_ranks = True
 
     @dataclass
-    class Params(LoRAParams):
+    class Params(RankScalingParams):
         ilora_init: str = hparam("qr", "initial factors: qr (B = Q[:, :r_k] of qr(W0), A = 0: orthonormal, starts at "
                                        "W0) or peft (Kaiming A, zero B)", choices=("qr", "peft"),
                                  marker="reconstruction")
@@ -123,7 +122,7 @@ class ILoRA(FederatedLoRA):
         return out
 
     def rate(self, cid: int) -> float:
-        return scaling(self.hp.lora_alpha, self.ranks[cid], self.hp.rslora)
+        return self.client_scaling(self.ranks[cid])
 
     # --- what travels ----------------------------------------------------------------------------
     def download(self, server, client, state):

@@ -24,7 +24,7 @@ from fedbench.hparams import hparam
 from fedbench.lora.algebra import as_matrix
 from fedbench.metering.algebra import product_macs
 from fedbench.methods.lora.flexlora import FlexLoRA
-from fedbench.methods.lora_family import LoRAParams
+from fedbench.methods.lora_family import RankScalingParams
 from fedbench.registry import register_method
 
 
@@ -60,7 +60,7 @@ class RaFLoRA(FlexLoRA):
             "Heterogeneity (raFLoRA), arXiv 2602.13486"
 
     @dataclass
-    class Params(LoRAParams):
+    class Params(RankScalingParams):
         raflora_weight: str = hparam("renorm", "weights of each rank segment: renorm (p_k over the clients that "
                                                "hold the segment) or data (p_k over all: FlexLoRA)",
                                      choices=("renorm", "data"), marker="reconstruction")
