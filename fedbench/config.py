@@ -115,6 +115,9 @@ class RunConfig:
                 d["method_params"].pop(f.name, None)
         if d["eval_protocol"] == LEGACY_PROTOCOL:  # what every run stored before protocols had a name
             del d["eval_protocol"]
+        revision = self.method_class().rule_revision
+        if revision:  # the method's rule was fixed since runs of revision 0 were stored
+            d["method_revision"] = revision
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def run_hash(self, data_digest: str) -> str:

@@ -146,6 +146,10 @@ class Method(abc.ABC):
     # "all": after aggregation it goes to every client (receive() is called; bytes counted for all).
     push: ClassVar[str] = "selected"
     family: ClassVar[str] = "mhpfl"  # "mhpfl" (heterogeneous models) or "federated-lora" (shared backbone)
+    rule_revision: ClassVar[int] = 0
+    """Bumped when a fix changes what the method computes under unchanged options (a fidelity fix of its rule).
+    A non-zero revision enters the run's identity (``RunConfig.canonical_json``), so a results store never
+    serves a result of the old rule for the new one; 0 leaves every stored run id as it was."""
 
     @dataclass
     class Params:

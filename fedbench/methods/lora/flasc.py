@@ -68,6 +68,7 @@ def densify(payload: dict[str, torch.Tensor], n: int) -> torch.Tensor:
 
 @register_method("flasc")
 class FLASC(FederatedLoRA):
+    rule_revision = 1  # 1: a shared head inside the density mask and the server optimiser
     code = "imkevinkuo/flasc"
     paper = "Kuo et al., Federated LoRA with Sparse Communication (FLASC), arXiv 2406.05233"
     routes_head = True

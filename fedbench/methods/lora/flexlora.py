@@ -23,6 +23,7 @@ from fedbench.registry import register_method
 
 @register_method("flexlora")
 class FlexLoRA(FederatedLoRA):
+    rule_revision = 1  # 1: --rank-scaling constant under mixed ranks
     code = "alibaba/FederatedScope (FlexLoRA branch)"
     paper = "Bai et al., Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client " \
             "Resources (FlexLoRA), arXiv 2402.11505"

@@ -30,6 +30,7 @@ from fedbench.seeding import derive
 
 @register_method("flora")
 class FLoRA(FederatedLoRA):
+    rule_revision = 1  # 1: clients scored with the model they hold, not the latest merge; --rank-scaling constant
     code = "ATP-1010/FederatedLLM"
     paper = "Wang et al., FLoRA: Federated Fine-Tuning LLMs with Heterogeneous Low-Rank Adaptations, NeurIPS 2024"
     heterogeneous_ranks = True

@@ -66,6 +66,7 @@ def sketch_indices(seed: int, client: int, t: int, r: int, k: int) -> torch.Tens
 
 @register_method("fslora")
 class FSLoRA(FederatedLoRA):
+    rule_revision = 1  # 1: a shared head stepped by the server optimiser
     code = "wenzhifang/Federated-Sketching-LoRA-Implementation"
     paper = "Fang, Han, Yuan, Hosseinalipour, Brinton, Federated Sketching LoRA (FSLoRA), arXiv 2501.19389"
     heterogeneous_ranks = True

@@ -28,6 +28,7 @@ from fedbench.registry import register_method
 
 @register_method("hetlora")
 class HetLoRA(FederatedLoRA):
+    rule_revision = 1  # 1: --rank-scaling constant; norm weights include each client's scaling
     code = "none (a re-implementation in alibaba/FederatedScope, FlexLoRA branch)"
     paper = "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, arXiv 2401.06432"
     heterogeneous_ranks = True

@@ -78,6 +78,7 @@ def split(q: torch.Tensor, ra: torch.Tensor, r: int, s: float) -> tuple[torch.Te
 
 @register_method("ilora")
 class ILoRA(FederatedLoRA):
+    rule_revision = 1  # 1: order-invariant QR + SVD split; --rank-scaling constant
     code = "none found"
     paper = "Zhou, Liu, Shang, ILoRA, arXiv 2511.16069 (no code found; server split (QR + SVD of the stacked " \
             "update) and control variates reconstructed)"

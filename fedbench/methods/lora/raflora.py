@@ -55,6 +55,7 @@ def partitioned_update(ps, As, Bs, ss, renorm: bool = True, count=None) -> torch
 
 @register_method("raflora")
 class RaFLoRA(FlexLoRA):
+    rule_revision = 1  # 1: --rank-scaling constant under mixed ranks
     code = "none found"
     paper = "Wu, Hu, Min, Wang, Preventing Rank Collapse in Federated Low-Rank Adaptation with Client " \
             "Heterogeneity (raFLoRA), arXiv 2602.13486"

@@ -29,18 +29,26 @@ def _stored_values(row: dict) -> dict:
     return {k: (v[:-2] if re.fullmatch(r"-?\d+\.0", v) else v) for k, v in vals.items()}
 
 
+# methods whose stored runs were computed under a rule fixed since: FedRot-LoRA through its new
+# --fedrot-phase option (the stored runs had the early phase), the others through Method.rule_revision
+RULE_FIXED = {"fedrot-lora", "flora", "ilora", "hetlora", "flexlora", "raflora", "flasc", "fslora"}
+
+
 def test_common_preset_leaves_every_stored_lora_vision_identity_unchanged():
     """The oracle (tests/data/lora_vision_identities.json): sha256 of each stored run's canonical config
     under the code before presets and late options (commit 1bd4038), keyed by run id. The run id hashes
-    exactly this JSON with the data digest, so equal JSON is an unchanged id."""
+    exactly this JSON with the data digest, so equal JSON is an unchanged id. A method whose rule was fixed
+    since must get a new identity (a store must not serve the old rule's result); every other keeps it."""
     oracle = json.loads((ROOT / "tests/data/lora_vision_identities.json").read_text())
     rows = list(csv.DictReader((ROOT / "reports/lora-vision/runs.csv").open()))
     assert len(rows) == len(oracle) == 81
+    assert {m for m in methods() if get_method(m).rule_revision} == RULE_FIXED - {"fedrot-lora"}
     for row in rows:
         for preset in (None, "common"):
             vals = _stored_values(row) | ({"preset": preset} if preset else {})
             cfg = make_config(vals)
-            assert hashlib.sha256(cfg.canonical_json().encode()).hexdigest() == oracle[row["run_id"]], row["label"]
+            same = hashlib.sha256(cfg.canonical_json().encode()).hexdigest() == oracle[row["run_id"]]
+            assert same == (row["method"] not in RULE_FIXED), row["label"]
             assert "preset" not in cfg.canonical_json() and "rank_scaling" not in cfg.canonical_json()
 
 
