@@ -17,7 +17,7 @@ from fedbench.config import make_config
 from fedbench.errors import ConfigError
 from fedbench.report.build import build_report
 from fedbench.report.frame import add_names, run_frame
-from fedbench.report.tables import accuracy_table, cost_table, fairness_table
+from fedbench.report.tables import accuracy_table, cost_table, fairness_table, summary_legend
 from fedbench.store import Store
 from fedbench.summary import (
     Summary,
@@ -160,7 +160,10 @@ def test_pfllib_reports_the_best_round_sample_weighted(tmp_path):
     df2 = frame(store, stat="last10", weighting="unweighted")
     assert df2.iloc[0]["accuracy"] == pytest.approx((0.5 + 0.8 + 0.6) / 3)
     t = accuracy_table(df)
-    assert "protocol pfllib" in t.caption and "sample-weighted" in t.caption and "best round" in t.caption
+    assert "Summary: protocol pfllib, all, best, weighted" in t.caption
+    (legend,) = summary_legend(df)  # what the short name means, once per page
+    assert legend.startswith("protocol pfllib, all, best, weighted: ")
+    assert "sample-weighted" in legend and "best round" in legend
     assert t.rows[0][1].text == "protocol pfllib, all, best, weighted"
 
 
@@ -285,7 +288,7 @@ def test_runs_of_different_protocols_are_never_averaged(tmp_path):
     assert set(df["eval_protocol"]) == {"yi", "pfllib", "round-end"}
     t = accuracy_table(df)
     assert sorted(t.header[1:]) == ["eval_protocol=pfllib", "eval_protocol=round-end", "eval_protocol=yi"]
-    assert all(c.text.endswith("(1)") for c in t.rows[1][1:])  # one run per cell: nothing averaged
+    assert all(c.text.endswith("(n = 1)") for c in t.rows[1][1:])  # one run per cell: nothing averaged
     summaries = {h: c.text for h, c in zip(t.header[1:], t.rows[0][1:], strict=True)}
     assert summaries["eval_protocol=yi"] == "protocol yi, all, last10, unweighted"
     assert summaries["eval_protocol=pfllib"] == "protocol pfllib, all, best, weighted"
@@ -363,9 +366,11 @@ def test_line_panels_take_rows_concatenated_from_runs(tmp_path):
     import pandas as pd
 
     from fedbench.report.plots import _line_panels
-    a = pd.DataFrame({"round": [1, 2, 3], "accuracy": [float("nan"), 0.2, 0.3], "variant": "x", "setting": "s"})
-    b = pd.DataFrame({"round": [1, 2], "accuracy": [0.2, 0.4], "variant": "y", "setting": "s"})
-    c = pd.DataFrame({"round": [1, 2, 3], "accuracy": [0.3, 0.1, 0.2], "variant": "x", "setting": "s"})
+    a = pd.DataFrame({"round": [1, 2, 3], "accuracy": [float("nan"), 0.2, 0.3], "variant": "x", "setting": "s",
+                      "run_id": "a"})
+    b = pd.DataFrame({"round": [1, 2], "accuracy": [0.2, 0.4], "variant": "y", "setting": "s", "run_id": "b"})
+    c = pd.DataFrame({"round": [1, 2, 3], "accuracy": [0.3, 0.1, 0.2], "variant": "x", "setting": "s",
+                      "run_id": "c"})
     (path,) = _line_panels(pd.concat([a, b, c]), "accuracy", "acc", tmp_path / "p.png")
     assert path.exists()
 
