@@ -17,14 +17,16 @@ FP32_MAX = 3.4028234663852886e38
 
 def hparam(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
            high: float | None = None, low_open: bool = False, high_open: bool = False,
-           marker: str = "") -> Any:
+           marker: str = "", late: bool = False) -> Any:
     """A dataclass field with CLI help and a range or choice check.
 
     ``marker`` is the spec's source marker for the default (e.g. ``"reconstruction"``); it is shown in
-    the help so that a reconstructed choice is never mistaken for a published one.
+    the help so that a reconstructed choice is never mistaken for a published one. ``late``: a method
+    option added after runs were stored; a run's identity leaves it out while it is at its default, so
+    that those runs keep their ids (the core's equivalent is ``config.LATE_FIELDS``).
     """
     meta = dict(help=help, choices=choices, low=low, high=high, low_open=low_open,
-                high_open=high_open, marker=marker)
+                high_open=high_open, marker=marker, late=late)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -123,3 +125,8 @@ def build(cls: type, values: dict[str, Any], owner: str):
     if check is not None:
         check()
     return obj
+
+
+def late_defaults(params_cls) -> dict[str, Any]:
+    """{name: default} of the ``late`` options of a Params dataclass."""
+    return {f.name: f.default for f in dataclasses.fields(params_cls) if f.metadata.get("late")}
