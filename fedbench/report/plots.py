@@ -73,8 +73,9 @@ def _shared_legend(fig, axes) -> None:
             seen.setdefault(lab, h)
         if ax.get_legend() is not None:
             ax.get_legend().remove()
-    if seen:
-        cols = max(1, min(len(seen), int(PAGE_WIDTH_PX / DPI * 72 / TEXT_PT / max(map(len, seen)) * 1.6)))
+    if seen:  # as many columns as fit the figure's width (a character ~0.6 em, a handle ~5 characters)
+        fits = fig.get_figwidth() * 72 / (0.6 * TEXT_PT) / (max(map(len, seen)) + 5)
+        cols = max(1, min(len(seen), int(fits)))
         fig.legend(list(seen.values()), list(seen), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=cols,
                    frameon=False)
 
