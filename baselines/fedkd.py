@@ -65,7 +65,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baselines.fml import SHARED_MODELS
+from baselines.fml import SHARED_MODELS, kl_elementwise_mean
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
 from fedbench.metering.algebra import svd_macs
@@ -76,14 +76,6 @@ Count = Callable[[int], None] | None
 
 
 # --- losses ----------------------------------------------------------------------------------------
-
-def kl_elementwise_mean(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(target) || softmax(logits)) with torch's "mean" reduction, as ``nn.KLDivLoss()`` in both
-    reference codes: the sum over batch and classes divided by batch x classes."""
-    total = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(target_logits, dim=1), reduction="sum",
-                     log_target=True)
-    return total / logits.numel()  # written out: torch warns that its "mean" will become "batchmean"
-
 
 def fedkd_losses(logits_t: torch.Tensor, h_t: torch.Tensor, logits_s: torch.Tensor, proj_h_s: torch.Tensor,
                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,20 @@ server:
 evaluation: f_k alone (the default predict of Method: the client's "model").
 
 In each KL the first argument is the *other* model's output, used as a detached target, and the KL
-is averaged per sample ("batchmean"), as the original code (ZJU-DAI/Federated-Mutual-Learning) does;
-not HtFLlib's element-wise mean. a = b = 0.5 (HtFLlib's tuned script), not its parser default 1.0,
-which switches mutual distillation off.
+is summed over classes and averaged over the batch ("batchmean"): the paper's rule (Deep Mutual
+Learning's KL between the two models' predictions, each model's loss a function of its own parameters
+with the other's prediction as its target) and the authors' code (ZJU-DAI/Federated-Mutual-Learning:
+``KLDivLoss(reduction='batchmean')`` on ``softmax(other.detach())``, one backward per model).
+
+``--fml-kl htfllib`` trains as TsingZ0/HtFLlib's clientFML instead, for a cross-library check on one
+split: ``nn.KLDivLoss()`` with its default element-wise mean (the KL divided by the batch *and* the
+class count: 1/K of the paper's KL weight, 1/10 on CIFAR-10), and the other model's output not
+detached, so each model also gets the gradient of the other's KL term (HtFLlib backpropagates both
+losses before stepping either model). An identical-split CIFAR-10 comparison (a = b = 0.5, 10 rounds)
+found HtFLlib's FML 2.4 points above fedbench's and traced it to these two differences (to feed both
+the same batches as well: ``--data-order fixed``). The label names the form.
+
+a = b = 0.5 (HtFLlib's tuned script), not its parser default 1.0, which switches mutual distillation off.
 
 The meme goes only to the clients selected in a round (``push = "selected"``): a client overwrites
 its meme with the global one at the start of its round and evaluates with f_k alone, so a copy sent
@@ -42,10 +53,26 @@ def kl_batchmean(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Ten
                     reduction="batchmean", log_target=True)
 
 
+def kl_elementwise_mean(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)) with torch's "mean" reduction, as ``nn.KLDivLoss()`` in both
+    reference codes (HtFLlib's FML and FedKD): the sum over batch and classes divided by batch x classes.
+    Gradients flow into both arguments."""
+    total = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(target_logits, dim=1), reduction="sum",
+                     log_target=True)
+    return total / logits.numel()  # written out: torch warns that its "mean" will become "batchmean"
+
+
+KL_FORMS = ("original", "htfllib")
+
+
 def fml_losses(logits_local: torch.Tensor, logits_meme: torch.Tensor, y: torch.Tensor,
-               alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_local, L_meme) of one batch; each KL uses the other model's detached output as target,
-    so L_local only reaches f_k's parameters and L_meme only the meme's."""
+               alpha: float, beta: float, kl: str = "original") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_local, L_meme) of one batch. ``original``: each KL uses the other model's detached output as
+    target, so L_local only reaches f_k's parameters and L_meme only the meme's; ``htfllib``: the
+    element-wise mean KL, not detached (each loss reaches both models)."""
+    if kl == "htfllib":
+        return (alpha * F.cross_entropy(logits_local, y) + (1 - alpha) * kl_elementwise_mean(logits_meme, logits_local),
+                beta * F.cross_entropy(logits_meme, y) + (1 - beta) * kl_elementwise_mean(logits_local, logits_meme))
     l_local = alpha * F.cross_entropy(logits_local, y) + (1 - alpha) * kl_batchmean(logits_meme.detach(), logits_local)
     l_meme = beta * F.cross_entropy(logits_meme, y) + (1 - beta) * kl_batchmean(logits_local.detach(), logits_meme)
     return l_local, l_meme
@@ -66,10 +93,16 @@ class FML(Method):
                                  low=0.0, high=1.0, marker="code: HtFLlib tuned script")
         shared_model: str = hparam("cnn5", "architecture of the shared model (FML meme, FedKD mentee), the same "
                                            "for every client", choices=SHARED_MODELS)
+        fml_kl: str = hparam("original", "FML: the mutual KL terms: original (the paper and authors' code: KL "
+                                         "summed over classes, mean over the batch, the other model's output "
+                                         "detached) or htfllib (HtFLlib: element-wise mean, 1/K of it, not "
+                                         "detached; for cross-library checks)", choices=KL_FORMS,
+                             marker="code: ZJU-DAI/Federated-Mutual-Learning", late=True)
 
     @classmethod
     def label(cls, p) -> str:
-        return f"FML (meme={p.shared_model}, alpha={p.fml_alpha}, beta={p.fml_beta}, KL batchmean)"
+        kl = "KL batchmean" if p.fml_kl == "original" else "KL element-wise mean, not detached: HtFLlib"
+        return f"FML (meme={p.shared_model}, alpha={p.fml_alpha}, beta={p.fml_beta}, {kl})"
 
     def meme_spec(self):
         return cnn_spec(self.hp.shared_model, self.run.num_classes)
@@ -91,7 +124,10 @@ class FML(Method):
         for x, y in client.batches(self.run.epochs):
             logits_f, _ = model(x)
             logits_m, _ = meme(x)
-            l_local, l_meme = fml_losses(logits_f, logits_m, y, self.hp.fml_alpha, self.hp.fml_beta)
+            l_local, l_meme = fml_losses(logits_f, logits_m, y, self.hp.fml_alpha, self.hp.fml_beta, self.hp.fml_kl)
+            if self.hp.fml_kl == "htfllib":  # both losses reach both models: one backward of their sum, then
+                client.step((opt_f, opt_m), l_local + l_meme)  # each model clipped and stepped on its own
+                continue
             # the targets are detached, so the two backward passes touch disjoint parameters and
             # both steps use the outputs of the same forward pass (simultaneous update)
             client.step(opt_f, l_local)

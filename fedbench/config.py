@@ -14,11 +14,12 @@ from fedbench.data.partition import PARTITIONERS
 from fedbench.data.sources import DATASETS, TEXT_DATASETS, dataset_info
 from fedbench.data.transforms import AUGMENTATIONS
 from fedbench.errors import ConfigError
-from fedbench.hparams import hparam
+from fedbench.hparams import hparam, late_defaults
 from fedbench.models.cnn import MODEL_GROUPS
 from fedbench.presets import PRESETS, apply_preset
 
 AGG_WEIGHTS = ("all-splits", "train", "uniform")
+DATA_ORDERS = ("reshuffle", "fixed")
 # Evaluation protocols (docs/concepts/protocols.md; spec A.5): who is evaluated, when, with which model.
 #   yi:        the round's participants right after their local training, the model as trained (pFedLoRA authors)
 #   pfllib:    every client after the round's aggregation, as it stands after receiving the broadcast, before
@@ -58,6 +59,10 @@ class RunConfig:
                                           "to --lr-min at the last", choices=("constant", "cosine"))
     lr_min: float = hparam(0.0, "cosine schedule: learning rate of the last round", low=0.0)
     local_steps: int = hparam(0, "local batches per training pass instead of --epochs (0 = use epochs)", low=0)
+    data_order: str = hparam("reshuffle", "order of a client's training samples: reshuffle (a new seeded permutation "
+                                          "every epoch) or fixed (the partition's order, ascending dataset index, the "
+                                          "same every epoch and round: HtFLlib's unshuffled client loaders, for "
+                                          "cross-library checks)", choices=DATA_ORDERS)
     momentum: float = hparam(0.9, "SGD momentum", low=0.0, high=1.0, high_open=True)
     weight_decay: float = hparam(1e-3, "SGD weight decay", low=0.0)
     clip: float = hparam(50.0, "gradient-norm clip (0 = off)", low=0.0)
@@ -110,9 +115,9 @@ class RunConfig:
         for k in LATE_FIELDS:
             if d[k] == CORE_FIELDS[k].default:
                 del d[k]
-        for f in dataclasses.fields(self.method_class().Params):  # late method options, likewise
-            if f.metadata.get("late") and d["method_params"].get(f.name, f.default) == f.default:
-                d["method_params"].pop(f.name, None)
+        for k, default in late_defaults(self.method_class().Params).items():  # late method options, likewise
+            if d["method_params"].get(k, default) == default:
+                d["method_params"].pop(k, None)
         if d["eval_protocol"] == LEGACY_PROTOCOL:  # what every run stored before protocols had a name
             del d["eval_protocol"]
         revision = self.method_class().rule_revision
@@ -150,7 +155,7 @@ class RunConfig:
 
 CORE_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "method_params"}
 LATE_FIELDS = ("fused_sgd", "optimizer", "lr_schedule", "lr_min", "local_steps", "seq_len", "test_fraction",
-               "min_role_lines", "eval_initial", "eval_val", "partition_digest", "preset")
+               "min_role_lines", "eval_initial", "eval_val", "partition_digest", "preset", "data_order")
 
 # Defaults that depend on the device a run is made on, applied when the user leaves the option unset
 # and stored concretely in the config (so a run's identity never depends on where it is looked up).

@@ -125,3 +125,8 @@ def build(cls: type, values: dict[str, Any], owner: str):
     if check is not None:
         check()
     return obj
+
+
+def late_defaults(params_cls) -> dict[str, Any]:
+    """{name: default} of the ``late`` options of a Params dataclass."""
+    return {f.name: f.default for f in dataclasses.fields(params_cls) if f.metadata.get("late")}

@@ -116,6 +116,105 @@ def test_fml_losses_match_hand_computation():
     assert b.grad is None and a.grad is not None
 
 
+def test_fml_losses_in_float64_both_forms_by_hand():
+    """Two samples, three classes, a = 0.3 and b = 0.6 (so that swapped weights show). p: the private
+    model's softmax, q: the meme's. Per sample KL(q || p) = sum_j q_j log(q_j / p_j).
+      original: L_local = a mean CE(p) + (1 - a) (KL_1(q||p) + KL_2(q||p)) / 2          (per sample, batchmean)
+      htfllib:  L_local = a mean CE(p) + (1 - a) (KL_1(q||p) + KL_2(q||p)) / (2 x 3)    (element-wise mean)
+    and L_meme the same with b, CE(q) and KL(p || q)."""
+    alpha, beta = 0.3, 0.6
+    zf = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]
+    zm = [[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]
+    y = [0, 2]
+    p, q = [_softmax(z) for z in zf], [_softmax(z) for z in zm]
+    ce_f = (_ce(zf[0], 0) + _ce(zf[1], 2)) / 2
+    ce_m = (_ce(zm[0], 0) + _ce(zm[1], 2)) / 2
+    kl_qp = _kl(q[0], p[0]) + _kl(q[1], p[1])  # summed over the batch
+    kl_pq = _kl(p[0], q[0]) + _kl(p[1], q[1])
+    want = {"original": (alpha * ce_f + (1 - alpha) * kl_qp / 2, beta * ce_m + (1 - beta) * kl_pq / 2),
+            "htfllib": (alpha * ce_f + (1 - alpha) * kl_qp / 6, beta * ce_m + (1 - beta) * kl_pq / 6)}
+    for form, (want_local, want_meme) in want.items():
+        f = torch.tensor(zf, dtype=torch.float64, requires_grad=True)
+        m = torch.tensor(zm, dtype=torch.float64, requires_grad=True)
+        l_local, l_meme = fml_losses(f, m, torch.tensor(y), alpha, beta, form)
+        assert l_local.item() == pytest.approx(want_local, rel=1e-12, abs=0)
+        assert l_meme.item() == pytest.approx(want_meme, rel=1e-12, abs=0)
+        l_local.backward()
+        if form == "original":
+            assert m.grad is None  # the meme's output is a detached target
+            continue
+        # htfllib: L_local's KL reaches the meme. d/dz_j of sum_i q_i (log q_i - log p_i), q = softmax(z):
+        # q_j (d_j - sum_i q_i d_i) with d = log q - log p; times (1 - a) / (2 x 3)
+        for b in range(2):
+            d = [math.log(qi / pi) for qi, pi in zip(q[b], p[b], strict=True)]
+            mean_d = sum(qi * di for qi, di in zip(q[b], d, strict=True))
+            grad = [(1 - alpha) / 6 * q[b][j] * (d[j] - mean_d) for j in range(3)]
+            assert m.grad[b].tolist() == pytest.approx(grad, rel=1e-10, abs=1e-15)
+
+
+def test_fml_htfllib_form_steps_both_models_on_both_losses():
+    """One batch of client 0 by hand: under htfllib each model's step is the SGD step of the gradient of
+    L_local + L_meme (its own loss and the other's KL term), each clipped on its own."""
+    from baselines.fml import fml_losses as losses
+    from fedbench.methods.base import load
+    cfg = small_config(method="fml", rounds=1, fml_kl="htfllib", batch_size=500, momentum=0.0, weight_decay=0.0,
+                       augment="none", lr=0.1)
+    sim = make_sim(cfg)
+    c = sim.clients[0]
+    meme0 = snapshot(sim.server.module("meme"))
+    model, meme = c.module("model"), c.module("meme")
+    load(meme, meme0)
+    f0 = {k: v.clone() for k, v in model.state_dict().items()}
+    c.round, c.streams = 1, 0
+    (x, y), = list(sim.train_batches(c, epochs=1, augment=False, shuffle=True, count=False))
+    lf, lm = losses(model(x)[0], meme(x)[0], y, 0.5, 0.5, "htfllib")
+    (lf + lm).backward()
+    gf = {n: q.grad.clone() for n, q in model.named_parameters()}
+    gm = {n: q.grad.clone() for n, q in meme.named_parameters()}
+    nf = torch.linalg.vector_norm(torch.stack([g.norm() for g in gf.values()]))
+    nm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gm.values()]))
+    sf, sm = min(1.0, 50.0 / (nf.item() + 1e-6)), min(1.0, 50.0 / (nm.item() + 1e-6))
+    model.zero_grad(set_to_none=True)
+    meme.zero_grad(set_to_none=True)
+    model.load_state_dict(f0)
+    c.round, c.streams = 1, 0
+    sim.method.client_update(c, meme0)
+    for n, q in model.named_parameters():
+        torch.testing.assert_close(q.detach(), f0[n] - 0.1 * sf * gf[n], rtol=1e-4, atol=1e-6)
+    for n, q in meme.named_parameters():
+        torch.testing.assert_close(q.detach(), meme0[n] - 0.1 * sm * gm[n], rtol=1e-4, atol=1e-6)
+    sim.close()
+
+
+def test_fml_kl_form_is_named_and_leaves_default_run_ids_alone():
+    from baselines.fml import FML
+    assert FML.label(FML.Params()).endswith("KL batchmean)")  # the default label as stored runs have it
+    assert "not detached: HtFLlib" in FML.label(FML.Params(fml_kl="htfllib"))
+    default, htf = small_config(method="fml"), small_config(method="fml", fml_kl="htfllib")
+    assert "fml_kl" not in default.canonical_json() and '"fml_kl":"htfllib"' in htf.canonical_json()
+    assert default.method_params["fml_kl"] == "original"
+
+
+def test_a_stored_fml_run_without_the_kl_key_reads_as_original(tmp_path):
+    """Reports: FML runs stored before --fml-kl existed are the original form, a variant apart from htfllib."""
+    import json
+
+    from test_summaries import Round, Row, add_run
+
+    from fedbench.report.frame import add_names, run_frame
+    from fedbench.store import Store
+    store = Store(tmp_path / "s.sqlite")
+    rounds = [Round(1, [Row(c, True, correct=5, total=10) for c in range(2)])]
+    add_run(store, "old", rounds, method="fml", protocol="round-end")
+    add_run(store, "htf", rounds, method="fml", protocol="round-end", fml_kl="htfllib")
+    cfg = json.loads(store.db.execute("SELECT config_json FROM runs WHERE run_id='old'").fetchone()[0])
+    del cfg["method_params"]["fml_kl"]  # as canonical_json stores a default run
+    store.db.execute("UPDATE runs SET config_json=? WHERE run_id='old'", (json.dumps(cfg),))
+    store.db.commit()
+    df = add_names(run_frame(store)[0]).set_index("run_id")
+    assert df.loc["old", "variant"] == "fml (fml_kl=original)" and df.loc["htf", "variant"] == "fml (fml_kl=htfllib)"
+
+
 def test_fml_server_is_unweighted_mean():
     sim = make_sim(small_config(method="fml", rounds=1))
     ones = {k: torch.ones(s) for k, s in CNN5_SHAPES.items()}

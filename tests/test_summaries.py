@@ -17,7 +17,7 @@ from fedbench.config import make_config
 from fedbench.errors import ConfigError
 from fedbench.report.build import build_report
 from fedbench.report.frame import add_names, run_frame
-from fedbench.report.tables import accuracy_table, cost_table, fairness_table
+from fedbench.report.tables import accuracy_table, cost_table, fairness_table, summary_legend
 from fedbench.store import Store
 from fedbench.summary import (
     Summary,
@@ -160,7 +160,10 @@ def test_pfllib_reports_the_best_round_sample_weighted(tmp_path):
     df2 = frame(store, stat="last10", weighting="unweighted")
     assert df2.iloc[0]["accuracy"] == pytest.approx((0.5 + 0.8 + 0.6) / 3)
     t = accuracy_table(df)
-    assert "protocol pfllib" in t.caption and "sample-weighted" in t.caption and "best round" in t.caption
+    assert "Summary: protocol pfllib, all, best, weighted" in t.caption
+    (legend,) = summary_legend(df)  # what the short name means, once per page
+    assert legend.startswith("protocol pfllib, all, best, weighted: ")
+    assert "sample-weighted" in legend and "best round" in legend
     assert t.rows[0][1].text == "protocol pfllib, all, best, weighted"
 
 
@@ -285,7 +288,7 @@ def test_runs_of_different_protocols_are_never_averaged(tmp_path):
     assert set(df["eval_protocol"]) == {"yi", "pfllib", "round-end"}
     t = accuracy_table(df)
     assert sorted(t.header[1:]) == ["eval_protocol=pfllib", "eval_protocol=round-end", "eval_protocol=yi"]
-    assert all(c.text.endswith("(1)") for c in t.rows[1][1:])  # one run per cell: nothing averaged
+    assert all(c.text.endswith("(n = 1)") for c in t.rows[1][1:])  # one run per cell: nothing averaged
     summaries = {h: c.text for h, c in zip(t.header[1:], t.rows[0][1:], strict=True)}
     assert summaries["eval_protocol=yi"] == "protocol yi, all, last10, unweighted"
     assert summaries["eval_protocol=pfllib"] == "protocol pfllib, all, best, weighted"
@@ -363,9 +366,11 @@ def test_line_panels_take_rows_concatenated_from_runs(tmp_path):
     import pandas as pd
 
     from fedbench.report.plots import _line_panels
-    a = pd.DataFrame({"round": [1, 2, 3], "accuracy": [float("nan"), 0.2, 0.3], "variant": "x", "setting": "s"})
-    b = pd.DataFrame({"round": [1, 2], "accuracy": [0.2, 0.4], "variant": "y", "setting": "s"})
-    c = pd.DataFrame({"round": [1, 2, 3], "accuracy": [0.3, 0.1, 0.2], "variant": "x", "setting": "s"})
+    a = pd.DataFrame({"round": [1, 2, 3], "accuracy": [float("nan"), 0.2, 0.3], "variant": "x", "setting": "s",
+                      "run_id": "a"})
+    b = pd.DataFrame({"round": [1, 2], "accuracy": [0.2, 0.4], "variant": "y", "setting": "s", "run_id": "b"})
+    c = pd.DataFrame({"round": [1, 2, 3], "accuracy": [0.3, 0.1, 0.2], "variant": "x", "setting": "s",
+                      "run_id": "c"})
     (path,) = _line_panels(pd.concat([a, b, c]), "accuracy", "acc", tmp_path / "p.png")
     assert path.exists()
 
@@ -383,3 +388,139 @@ def test_a_field_stored_configs_leave_out_at_its_default_reads_as_the_default(tm
     store.db.commit()
     df = frame(store)
     assert sorted(df["setting"]) == ["fused_sgd=False", "fused_sgd=True"]
+
+
+# --------------------------------------------------------------------------- summaries at their real length
+
+# A round-end run of 16 rounds, evaluated in 14 of them (rounds 5 and 11 train only), so that "the last
+# 10 evaluated rounds" is a window: rounds 6, 7, 8, 9, 10, 12, 13, 14, 15, 16. Two clients, c0 with 10
+# test samples and c1 with 30, so the two weightings differ:
+#   unweighted = (c0/10 + c1/30) / 2 = (3 c0 + c1) / 60        weighted = (c0 + c1) / 40
+# Every round's value is distinct under both weightings; the unweighted best is round 2, the weighted
+# best round 4, the validation best round 3: all three outside the last-10 window.
+LONG_EVALUATED = [1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16]
+LONG_TEST = {1: (4, 22), 2: (10, 18), 3: (1, 17), 4: (6, 29), 6: (6, 14), 7: (1, 5), 8: (4, 15), 9: (2, 13),
+             10: (5, 6), 12: (8, 5), 13: (4, 10), 14: (1, 7), 15: (3, 21), 16: (1, 6)}
+#                  round:  1   2   3   4   6   7   8   9  10  12  13  14  15  16
+LONG_U60 = dict(zip(LONG_EVALUATED, [34, 48, 20, 47, 32, 8, 27, 19, 21, 29, 22, 10, 30, 9], strict=True))  # 3 c0 + c1
+LONG_W40 = dict(zip(LONG_EVALUATED, [26, 28, 18, 35, 20, 6, 19, 15, 11, 13, 14, 8, 24, 7], strict=True))   # c0 + c1
+# validation: c0 of 10, c1 of 20; round 3 (10/10, 20/20) is the only perfect one, every other round at most 13/30
+LONG_VAL = {t: ((10, 20) if t == 3 else (1 + t % 5, 2 + t % 7)) for t in LONG_EVALUATED}
+# the global model on the union of test splits, out of 100
+LONG_GLOBAL = dict(zip(LONG_EVALUATED, [40, 71, 45, 52, 60, 38, 55, 47, 63, 50, 58, 44, 66, 49], strict=True))
+
+
+def long_rounds() -> list[Round]:
+    out = []
+    for t in range(1, 17):
+        if t not in LONG_TEST:
+            out.append(Round(t, [Row(c, True, 10, 10, 1) for c in range(2)], evaluated=False))
+            continue
+        (a, b), (va, vb) = LONG_TEST[t], LONG_VAL[t]
+        rows = [Row(0, True, 10, 10, 1, correct=a, total=10, metrics={"val_correct": va, "val_total": 10}),
+                Row(1, True, 10, 10, 1, correct=b, total=30, metrics={"val_correct": vb, "val_total": 20})]
+        out.append(Round(t, rows, metrics={"global_correct": LONG_GLOBAL[t], "global_total": 100}))
+    return out
+
+
+@pytest.fixture
+def long_store(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "long", long_rounds())
+    return store
+
+
+def test_long_store_round_series_has_the_hand_values(long_store):
+    cr = long_store.client_rounds("long")
+    states = client_states(cr, long_store.client_metrics("long"), "all")
+    u, w = round_series(states, "unweighted"), round_series(states, "weighted")
+    assert u.index.tolist() == LONG_EVALUATED  # rounds 5 and 11 evaluated nobody: no evaluation round
+    assert u["accuracy"].tolist() == pytest.approx([LONG_U60[t] / 60 for t in LONG_EVALUATED])
+    assert w["accuracy"].tolist() == pytest.approx([LONG_W40[t] / 40 for t in LONG_EVALUATED])
+
+
+@pytest.mark.parametrize("stat,weighting,rounds,expected", [
+    # the last 10 evaluated rounds, 6..16 without 11: (32+8+27+19+21+29+22+10+30+9)/60/10 = 207/600
+    ("last10", "unweighted", [6, 7, 8, 9, 10, 12, 13, 14, 15, 16], 207 / 600),
+    # (20+6+19+15+11+13+14+8+24+7)/40/10 = 137/400
+    ("last10", "weighted", [6, 7, 8, 9, 10, 12, 13, 14, 15, 16], 137 / 400),
+    ("last", "unweighted", [16], 9 / 60),
+    ("last", "weighted", [16], 7 / 40),
+    ("best", "unweighted", [2], 48 / 60),   # round 2: (30 + 18)/60, before the window
+    ("best", "weighted", [4], 35 / 40),     # round 4: (6 + 29)/40, before the window
+    # validation best at round 3 under both weightings: its test accuracy (3 + 17)/60 and (1 + 17)/40
+    ("val", "unweighted", [3], 20 / 60),
+    ("val", "weighted", [3], 18 / 40),
+])
+def test_each_statistic_on_a_store_of_fourteen_evaluated_rounds(long_store, stat, weighting, rounds, expected):
+    s, _, _ = summarize_accuracy(long_store.client_rounds("long"), long_store.client_metrics("long"),
+                                 Summary("round-end", "all", stat, weighting))
+    assert s["rounds"] == rounds
+    assert s["accuracy"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_fairness_is_averaged_over_the_last_ten_rounds_only(long_store):
+    # per round, per client (in 30ths): c0 = 3 c0_correct, c1 = c1_correct; two clients: std = |c0 - c1| / 2,
+    # worst 10 % = the lowest one = the minimum. Rounds 6..16 without 11:
+    #   c0: 18  3 12  6 15 24 12  3  9  3       c1: 14  5 15 13  6  5 10  7 21  6
+    #   |c0 - c1|: 4 2 3 7 9 19 2 4 12 3 (sum 65)    min: 14 3 12 6 6 5 10 3 9 3 (sum 71)
+    r = frame(long_store).iloc[0]
+    assert r["selected_rounds"] == [6, 7, 8, 9, 10, 12, 13, 14, 15, 16]
+    assert r["fair_std"] == pytest.approx(65 / 30 / 2 / 10, rel=1e-12)
+    assert r["fair_min"] == pytest.approx(71 / 30 / 10, rel=1e-12)
+    assert r["fair_worst10"] == pytest.approx(71 / 30 / 10, rel=1e-12)
+
+
+def test_run_summary_of_the_long_store(long_store):
+    s = stored_summary(long_store, "long")
+    assert s["rounds"] == 16 and s["evaluations"] == 14
+    assert s["acc_last10_unweighted"] == pytest.approx(207 / 600, rel=1e-12)
+    assert s["acc_last10_weighted"] == pytest.approx(137 / 400, rel=1e-12)
+    assert s["acc_best_unweighted"] == pytest.approx(48 / 60) and s["acc_best_weighted"] == pytest.approx(35 / 40)
+    assert s["acc_last_unweighted"] == pytest.approx(9 / 60) and s["acc_val_weighted"] == pytest.approx(18 / 40)
+    # the global model: last 10 of its 14 evaluations, (60+38+55+47+63+50+58+44+66+49)/100/10
+    assert s["acc_last10_global"] == pytest.approx(530 / 1000, rel=1e-12)
+    assert s["acc_last_global"] == pytest.approx(0.49) and s["acc_best_global"] == pytest.approx(0.71)
+    rep = s["reported"]  # round-end's convention: all clients, last 10, unweighted
+    assert rep["accuracy"] == pytest.approx(207 / 600, rel=1e-12)
+    assert rep["rounds"] == [6, 7, 8, 9, 10, 12, 13, 14, 15, 16]
+
+
+# A yi run of 14 rounds, two clients taking turns: c0 trains and is evaluated in the odd rounds (of 10
+# test samples), c1 in the even ones (of 20). Under population "all" the other client carries its last
+# accuracy, so round 5 (the first of the last 10) carries c1's round-4 accuracy from before the window.
+YI_C0 = {1: 3, 3: 7, 5: 5, 7: 9, 9: 2, 11: 7, 13: 9}
+YI_C1 = {2: 10, 4: 16, 6: 5, 8: 13, 10: 18, 12: 7, 14: 15}
+# all, unweighted, in 40ths: 2 c0_latest + c1_latest (round 1: c0 alone, 2 x 6/20 = 12/40)
+#   round:  1   2   3   4   5   6   7   8   9  10  11  12  13  14
+#           12 16  24  30  26  15  23  31  17  22  32  21  25  33
+YI_ALL40 = [12, 16, 24, 30, 26, 15, 23, 31, 17, 22, 32, 21, 25, 33]
+BATCH_MEAN_GAP = 0.05  # each stored batch-mean accuracy sits this far below the client's accuracy
+
+
+def yi_long_rounds() -> list[Round]:
+    out = []
+    for t in range(1, 15):
+        c, cor, tot = (0, YI_C0[t], 10) if t % 2 else (1, YI_C1[t], 20)
+        rows = [Row(k, False, 0, 10) for k in range(2)]
+        rows[c] = Row(c, True, 10, 10, 1, correct=cor, total=tot, metrics={"acc_batch_mean": cor / tot - BATCH_MEAN_GAP})
+        out.append(Round(t, rows))
+    return out
+
+
+def test_yi_last_ten_carries_a_client_from_before_the_window(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    add_run(store, "yi", yi_long_rounds(), protocol="yi")
+    cr, cm = store.client_rounds("yi"), store.client_metrics("yi")
+    series = round_series(client_states(cr, cm, "all"), "unweighted")
+    assert series["accuracy"].tolist() == pytest.approx([v / 40 for v in YI_ALL40])
+    window = list(range(5, 15))
+    s, _, _ = summarize_accuracy(cr, cm, resolve("yi"))
+    # (26+15+23+31+17+22+32+21+25+33)/40/10
+    assert s["rounds"] == window and s["accuracy"] == pytest.approx(245 / 400, rel=1e-12)
+    # the authors' batch-mean accuracy: every stored value 0.05 below the accuracy, carried the same way
+    bm, _, _ = summarize_accuracy(cr, cm, resolve("yi", weighting="batch-mean"))
+    assert bm["accuracy"] == pytest.approx(245 / 400 - BATCH_MEAN_GAP, rel=1e-12)
+    # participants only, no carry, in 20ths: rounds 5..14 are 10 5 18 13 4 18 14 7 18 15 (sum 122)
+    sel, _, _ = summarize_accuracy(cr, cm, resolve("yi", population="selected"))
+    assert sel["rounds"] == window and sel["accuracy"] == pytest.approx(122 / 200, rel=1e-12)

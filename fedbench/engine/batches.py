@@ -4,6 +4,12 @@ The n-th request of a client in a round draws stream (client, round, n): the sam
 so methods see the same data order. ``local_steps`` > 0 makes every request exactly that many
 batches (epochs are then ignored; the data is reshuffled at each pass), as the federated-LoRA
 literature counts local work.
+
+``data_order``: ``reshuffle`` (the default) permutes the client's samples anew at every epoch (pass) from
+the stream; ``fixed`` feeds them in the partition's order (ascending dataset index) at every epoch of
+every round, as HtFLlib's client loaders do (``shuffle=False``), so that a cross-library check can feed
+both libraries the same batches. A request made with ``shuffle=False`` (a pass that collects, not trains)
+is in the partition's order under either.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class BatchSource:
         mode = cfg.augment if augment else "none"
         n, bs = len(idx), cfg.batch_size
         steps = getattr(cfg, "local_steps", 0)
+        shuffle = shuffle and cfg.data_order == "reshuffle"
 
         def produce():
             done = 0

@@ -32,12 +32,17 @@ class LocalOptimizer:
         return torch.optim.SGD(list(params), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                fused=cfg.fused_sgd or None)
 
-    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
+    def step(self, opt: torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...], loss: torch.Tensor) -> None:
+        """zero_grad, one backward of ``loss``, clip, step. Several optimisers: each is cleared, clipped on its
+        own parameters and stepped, after the one backward (HtFLlib's FML steps its two models so)."""
+        opts = opt if isinstance(opt, tuple) else (opt,)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.clip > 0:
-            self.clip_gradients([p for g in opt.param_groups for p in g["params"] if p.grad is not None])
-        opt.step()
+        for o in opts:
+            if self.cfg.clip > 0:
+                self.clip_gradients([p for g in o.param_groups for p in g["params"] if p.grad is not None])
+            o.step()
 
     def clip_gradients(self, params: list[torch.Tensor]) -> None:
         """``clip_grad_norm_(params, clip)``, bit for bit. On the CPU the multiply is skipped when the

@@ -219,7 +219,7 @@ class Simulation:
     def make_optimizer(self, params, lr: float | None = None, t: int | None = None) -> torch.optim.Optimizer:
         return self.optim.make(params, lr, t)
 
-    def optimizer_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    def optimizer_step(self, opt: torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...], loss: torch.Tensor) -> None:
         self.optim.step(opt, loss)
 
     def report(self, party: Party, name: str, value: float) -> None:

@@ -118,8 +118,9 @@ class Client(Party):
         """The run's local optimiser (``--optimizer``, with the round's learning rate of ``--lr-schedule``)."""
         return self._rt.make_optimizer(params, t=self.round)
 
-    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """zero_grad, backward, clip to the run's gradient-norm limit, step."""
+    def step(self, opt: torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...], loss: torch.Tensor) -> None:
+        """zero_grad, backward, clip to the run's gradient-norm limit, step. A tuple of optimisers: one
+        backward of ``loss``, then each clipped on its own parameters and stepped."""
         self._rt.optimizer_step(opt, loss)
 
 

@@ -7,6 +7,8 @@ import html
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from fedbench.errors import ConfigError
 from fedbench.report import plots
 from fedbench.report.frame import add_names, run_frame
@@ -17,10 +19,32 @@ from fedbench.report.tables import (
     fairness_table,
     global_accuracy_table,
     language_table,
+    summary_legend,
 )
 from fedbench.summary import BY_PROTOCOL
 
 FORMATS = {"md": "to_markdown", "html": "to_html", "tex": "to_latex", "csv": "to_csv"}
+BODY_FONT_PX = 16  # the page's body text; every figure's text is drawn at least this large (plots.TEXT_PT)
+PAGE_CSS = (f"body{{font-family:sans-serif;font-size:{BODY_FONT_PX}px;line-height:1.4;max-width:{plots.PAGE_WIDTH_PX}px;"
+            f"margin:2em auto;padding:0 1em}}"
+            "table.fb{border-collapse:collapse;margin:1em 0;max-width:100%}"
+            "table.fb td,table.fb th{border-bottom:1px solid #ccc;padding:3px 8px;text-align:right;vertical-align:top}"
+            "table.fb td:first-child,table.fb th:first-child{text-align:left}"
+            "caption{text-align:left;padding:4px 0}"
+            ".legend{border:1px solid #ccc;background:#f8f8f8;padding:0 1em;margin:1em 0}"
+            ".legend dt{font-weight:bold;margin-top:.5em}.legend dd{margin:0 0 .5em 1.5em}"
+            "figure{margin:2em 0}img{display:block;max-width:100%;height:auto}")
+# what each figure shows (file stem -> caption); a stem not listed is captioned with its name
+FIGURE_CAPTIONS = {
+    "accuracy_rounds": "Local test accuracy per evaluated round, the series each run's summary reads (line: mean "
+                       "over seeds, band: sd); runs evaluated in fewer than two rounds are left out.",
+    "global_accuracy_rounds": "Global-model accuracy per evaluated round on the union of the clients' test splits "
+                              "(line: mean over seeds, band: sd); runs evaluated in fewer than two rounds are left out.",
+    "agg_deviation_rounds": "Aggregation error D_t per round (line: mean over seeds, band: sd).",
+    "accuracy_vs_bytes": "Accuracy against bytes per round (mean over seeds); dashed: the Pareto front.",
+    "accuracy_vs_flops": "Accuracy against client TFLOP per round (mean over seeds); dashed: the Pareto front.",
+    "accuracy_vs_clients": "Accuracy against the number of clients N (participation fraction C); bars: sd over seeds.",
+}
 
 
 def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL,
@@ -38,12 +62,13 @@ def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_
     tables = [accuracy_table(df), global_accuracy_table(df), fairness_table(df), cost_table(df, target, focus),
               error_table(df), language_table(df)]
     tables = [t for t in tables if t is not None]
+    legend = summary_legend(df)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for t in tables:
         for ext, fn in FORMATS.items():
             p = out / f"{t.name}.{ext}"
-            p.write_text(getattr(t, fn)())
+            p.write_text(_with_legend(getattr(t, fn)(), ext, legend))
             written.append(p)
     pngs = (plots.accuracy_curves(df, curves, out) + plots.accuracy_vs_cost(df, out)
             + plots.rank_mu_heatmaps(df, out) + plots.accuracy_vs_clients(df, out)
@@ -52,17 +77,46 @@ def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_
     command = command or "fedbench " + " ".join(sys.argv[1:])
     header = (f"# fedbench report\n\nMade by: `{command}`\n\nStore: `{store.path}` · {len(df)} complete runs"
               f"{f' · sweep {sweep}' if sweep else ''} · per-run rows in `runs.csv` (run ids, exact commands).\n")
-    md = [header] + [t.to_markdown() for t in tables] + [f"![{p.stem}]({p.name})\n" for p in pngs]
+    md = ([header, "**Summaries**\n"] + [f"- {line}" for line in legend] + [""] + [t.to_markdown() for t in tables]
+          + [f"![{p.stem}]({p.name})\n\n_{FIGURE_CAPTIONS.get(p.stem, p.stem)}_\n" for p in pngs])
     (out / "report.md").write_text("\n".join(md))
-    imgs = "".join(f"<figure><img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
-                   f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in pngs)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>fedbench report</title><style>"
-            f"body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table.fb{{border-collapse:collapse;margin:1em 0}}"
-            f"table.fb td,table.fb th{{border-bottom:1px solid #ccc;padding:3px 8px;text-align:right}}"
-            f"table.fb td:first-child{{text-align:left}}caption{{text-align:left;font-weight:bold;padding:4px}}"
-            f"img{{max-width:100%}}</style></head><body><h1>fedbench report</h1>"
-            f"<p>Made by: <code>{html.escape(command)}</code></p><p>{len(df)} complete runs</p>"
-            + "".join(t.to_html() for t in tables) + imgs + "</body></html>")
-    (out / "report.html").write_text(page)
+    (out / "report.html").write_text(_page(command, len(df), legend, tables, pngs))
     return {"runs": len(df), "tables": {t.name: t for t in tables}, "files": [str(p) for p in written] + [str(p) for p in pngs]
             + [str(out / "report.md"), str(out / "report.html")]}
+
+
+def _with_legend(text: str, ext: str, legend: list[str]) -> str:
+    """A table file on its own: the definitions of the summaries its caption names (a CSV names them in its
+    summary row)."""
+    if ext == "md":
+        return text + "\n" + "\n".join(f"_Summary {line}_" for line in legend) + "\n"
+    if ext == "html":
+        return text + "\n" + "\n".join(f"<p class='note'>Summary {html.escape(line)}</p>" for line in legend)
+    if ext == "tex":
+        return "".join(f"% Summary {line}\n" for line in legend) + text
+    return text
+
+
+def _figure(p: Path) -> str:
+    """A figure at its natural size (width and height in pixels; the page never stretches it), with the size of
+    its smallest text in pixels (``data-text-px``, from plots.TEXT_PX_KEY) for the page's layout check."""
+    with Image.open(p) as im:
+        w, h = im.size
+        text_px = im.text.get(plots.TEXT_PX_KEY, "")
+    data = base64.b64encode(p.read_bytes()).decode()
+    return (f"<figure><img src='data:image/png;base64,{data}' width='{w}' height='{h}' alt='{html.escape(p.stem)}' "
+            f"data-text-px='{text_px}'><figcaption>{html.escape(FIGURE_CAPTIONS.get(p.stem, p.stem))}</figcaption>"
+            f"</figure>")
+
+
+def _page(command: str, runs: int, legend: list[str], tables: list, pngs: list[Path]) -> str:
+    """The self-contained HTML page: the summaries defined once, the tables, the figures one under another."""
+    defs = "".join(f"<dt>{html.escape(short)}</dt><dd>{html.escape(text)}</dd>"
+                   for short, text in (line.split(": ", 1) for line in legend))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>fedbench report</title>"
+            f"<style>{PAGE_CSS}</style></head><body><h1>fedbench report</h1>"
+            f"<p>Made by: <code>{html.escape(command)}</code></p><p>{runs} complete runs</p>"
+            f"<section class='legend'><h2>Summaries</h2><p>How each run's accuracy is summarised; the tables name "
+            f"the summary by its short name:</p><dl>{defs}</dl></section>"
+            + "".join(f"<h2>{html.escape(t.name.replace('_', ' ').capitalize())}</h2>{t.to_html()}" for t in tables)
+            + (f"<h2>Figures</h2>{''.join(_figure(p) for p in pngs)}" if pngs else "") + "</body></html>")

@@ -73,6 +73,16 @@ def _reproduce(cfg: dict, recorded: str) -> str:
         return recorded
 
 
+def _late_method_defaults(method: str) -> dict:
+    """The method's options that stored configs leave out at their default (``hparam(late=True)``)."""
+    from fedbench.hparams import late_defaults
+    from fedbench.registry import get_method
+    try:
+        return late_defaults(get_method(method).Params)
+    except ConfigError:  # a method this fedbench no longer has
+        return {}
+
+
 def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, target: float | None = None,
               sweep: str | None = None, dataset: str | None = None, population: str = BY_PROTOCOL,
               protocol: str | None = None) -> tuple[pd.DataFrame, dict]:
@@ -109,7 +119,7 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         # fields stored configs leave out at their default (added after runs were first stored): the default
         row = {k: CORE_FIELDS[k].default for k in LATE_FIELDS}
         row.update({k: v for k, v in cfg.items() if k != "method_params"})
-        row.update({f"hp_{k}": v for k, v in cfg["method_params"].items()})
+        row.update({f"hp_{k}": v for k, v in {**_late_method_defaults(cfg["method"]), **cfg["method_params"]}.items()})
         row[PROTOCOL_KEY] = proto
         row.update(
             run_id=r["run_id"], label=r["label"], command=_reproduce(cfg, r["command"]), invocation=r["command"],

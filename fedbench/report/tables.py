@@ -45,16 +45,29 @@ class Table:
 
     def to_html(self) -> str:
         def fmt(c: Cell) -> str:
-            t = html.escape(c.text) + (" &dagger;" if c.mark else "")
+            t = html.escape(c.text).replace("(n = ", "(n&nbsp;=&nbsp;") + (" &dagger;" if c.mark else "")
             return f"<b>{t}</b>" if c.bold else t
-        out = [f"<table class='fb'><caption>{html.escape(self.caption)}</caption><thead><tr>"]
-        out += [f"<th>{html.escape(h)}</th>" for h in self.header]
-        out.append("</tr></thead><tbody>")
+        out = [f"<table class='fb'><caption>{html.escape(self.caption)}</caption><thead>"]
+        rows = self._setting_header_rows() or [self.header]
+        out += ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in r) + "</tr>" for r in rows]
+        out.append("</thead><tbody>")
         for row in self.rows:
             out.append("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>")
         out.append("</tbody></table>")
         out += [f"<p class='note'>{html.escape(n)}</p>" for n in self.notes]
         return "\n".join(out)
+
+    def _setting_header_rows(self) -> list[list[str]] | None:
+        """Where every column after the first is a setting named ``k=v, k=v, ...`` with the same keys: one
+        header row per key (its name, then each column's value), so that a column is as narrow as its values,
+        not as wide as the whole setting's name. None where the columns are not named so."""
+        parts = [[kv.split("=", 1) for kv in h.split(", ")] for h in self.header[1:]]
+        if not parts or any(len(kv) != 2 for p in parts for kv in p):
+            return None
+        keys = [k for k, _ in parts[0]]
+        if any([k for k, _ in p] != keys for p in parts):
+            return None
+        return [[k] + [p[i][1] for p in parts] for i, k in enumerate(keys)]
 
     def to_latex(self) -> str:
         def esc(t: str) -> str:
@@ -95,13 +108,20 @@ def _summaries(df: pd.DataFrame) -> dict[str, str]:
 
 
 def summary_caption(df: pd.DataFrame) -> str:
-    """Names protocol, population, statistic and weighting: once, or per setting where they differ."""
-    per = _summaries(df)
-    kinds = set(per.values())
+    """Names the summary (protocol, population, statistic, weighting) by its short name, once, or says that
+    the summary row names it per column; :func:`summary_legend` defines each name, once per page."""
+    _summaries(df)  # refuses a setting summarised two ways
+    kinds = list(dict.fromkeys(df["summary"]))
     if len(kinds) == 1:
-        return f"Summary: {next(iter(kinds))}."
-    return "Summaries differ by column (each protocol's convention): " + " | ".join(
-        f"{st}: {txt}" for st, txt in per.items()) + "."
+        return f"Summary: {kinds[0]} (defined under Summaries)."
+    return ("Summaries differ by column (each protocol's convention): the summary row names each, defined under "
+            "Summaries.")
+
+
+def summary_legend(df: pd.DataFrame) -> list[str]:
+    """One line per summary the runs use: its short name and what it means."""
+    pairs = dict(zip(df["summary"], df["summary_text"], strict=True))
+    return [f"{short}: {text}" for short, text in pairs.items()]
 
 
 def _summary_row(df: pd.DataFrame, settings: list[str]) -> list[Cell]:
@@ -131,8 +151,9 @@ def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05) -> Table | None
                  else " | ".join(f"{s}: {STAT_NAMES[v]}" for s, v in stats_.items()))
     t.caption = (f"Global-model accuracy (%) on the union of all clients' test splits (one pooled accuracy, "
                  f"sample-weighted by construction; population and weighting do not apply), statistic: {stat_text} "
-                 f"(val: at the round the clients' validation accuracy selects); mean ± std over seeds (n); – : the "
-                 f"method has no global model (personalised or local-only). Bold: best per setting; †: not "
+                 f"(val: at the round the clients' validation accuracy selects); mean ± std over seeds (n), or the one "
+                 f"seed's value (n = 1); – : the method has no global model (personalised or local-only). Bold: best "
+                 f"per setting of two or more methods; †: not "
                  f"significantly different from the best (Welch's t-test, p ≥ {alpha}).")
     t.rows[0] = [Cell("statistic")] + [Cell(stats_.get(h, "")) for h in t.header[1:]]
     t.notes = [n for n in t.notes if not n.startswith("Defined predictions")]
@@ -179,8 +200,8 @@ def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accurac
     settings = list(dict.fromkeys(df["setting"]))
     variants = list(dict.fromkeys(df.sort_values(["method", "variant"])["variant"]))
     t = Table("accuracy",
-              f"Mean local test accuracy (%). {summary_caption(df)} Mean ± std over seeds (n). Bold: best per "
-              f"setting; †: not significantly different from the best (Welch's t-test, p ≥ {alpha}); –: no defined "
+              f"Mean local test accuracy (%). {summary_caption(df)} Mean ± std over seeds (n), or the one seed's "
+              f"value (n = 1). Bold: best per setting of two or more methods; †: not significantly different from the best (Welch's t-test, p ≥ {alpha}); –: no defined "
               f"accuracy.",
               ["method"] + settings)
     t.rows.append(_summary_row(df, settings))
@@ -196,7 +217,9 @@ def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accurac
             if n == 0:
                 cells[(v, s)] = Cell("–")
                 continue
-            c = Cell(f"{m:.2f} ± {sd:.2f} ({n})", m, bold=(v == best))
+            # a single seed has no spread to show; a lone method in a column is no "best"
+            c = Cell(f"{m:.2f} ± {sd:.2f} ({n})" if n > 1 else f"{m:.2f} (n = 1)", m,
+                     bold=(v == best and len(valid) > 1))
             if v != best and best is not None and n > 1 and aggs[best][2] > 1:
                 a, b = groups[best].dropna().to_numpy(float), groups[v].dropna().to_numpy(float)
                 if np.std(a) + np.std(b) == 0:
