@@ -99,15 +99,18 @@ class TrackerCallback(RunCallback):
         self.tracker, self.figures, self.store = tracker, figures, None
 
     def on_run_start(self, run: RunInfo) -> None:
+        """Open the run in the tracker with its stored header (config, tags)."""
         from fedbench.store import Store
         self.store = Store(run.results)
         self.tracker.start(run_meta(self.store, run.run_id))
 
     def on_round_end(self, run: RunInfo, result) -> None:
+        """Send the round's stored scalars."""
         for step, scalars in round_scalars(self.store, run.run_id, result.round).items():
             self.tracker.log(step, scalars)
 
     def on_run_end(self, run: RunInfo, status: str, error: str | None) -> None:
+        """Attach the run's figures (when complete) and close it in the tracker."""
         try:
             if self.figures and status == "complete":
                 _attach_figures(self.store, run.run_id, self.tracker)

@@ -33,6 +33,7 @@ class MlflowTracker(Tracker):
         self.run_id: str | None = None
 
     def start(self, meta: RunMeta) -> None:
+        """Open the run (see :meth:`fedbench.trackers.Tracker.start`)."""
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -48,6 +49,7 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Record one round's scalars at step ``step``."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -56,11 +58,14 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
 
     def artifacts(self, files: list[Path]) -> None:
+        """Attach the report's files."""
         for f in files:
             self.client.log_artifact(self.run_id, str(f), "figures")
 
     def finish(self, status: str) -> None:
+        """Close the run with its status."""
         self.client.set_terminated(self.run_id, "FINISHED" if status == "complete" else "FAILED")
 
     def location(self) -> str:
+        """Where the run was written."""
         return f"{self.uri} run {self.run_id}"

@@ -19,6 +19,7 @@ class TensorBoardTracker(Tracker):
         self.dir: Path | None = None
 
     def start(self, meta: RunMeta) -> None:
+        """Open the run (see :meth:`fedbench.trackers.Tracker.start`)."""
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -33,10 +34,12 @@ class TensorBoardTracker(Tracker):
             self.writer.file_writer.add_summary(summary)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Record one round's scalars at step ``step``."""
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
 
     def artifacts(self, files: list[Path]) -> None:
+        """Attach the report's files."""
         import matplotlib.image
 
         for f in files:
@@ -45,8 +48,10 @@ class TensorBoardTracker(Tracker):
                 self.writer.add_image(f"figures/{f.stem}", img, dataformats="HWC")
 
     def finish(self, status: str) -> None:
+        """Close the run with its status."""
         self.writer.add_text("fedbench/status", status)
         self.writer.close()
 
     def location(self) -> str:
+        """Where the run was written."""
         return str(self.dir)

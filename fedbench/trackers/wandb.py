@@ -22,6 +22,7 @@ class WandbTracker(Tracker):
         self.where = str(self.dir)
 
     def start(self, meta: RunMeta) -> None:
+        """Open the run (see :meth:`fedbench.trackers.Tracker.start`)."""
         import wandb
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -36,9 +37,11 @@ class WandbTracker(Tracker):
         self.where = str(Path(self.run.dir).parent)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Record one round's scalars at step ``step``."""
         self.run.log(scalars, step=step)
 
     def artifacts(self, files: list[Path]) -> None:
+        """Attach the report's files."""
         import wandb
 
         art = wandb.Artifact(f"report-{self.meta.run_id}", type="fedbench-report")
@@ -47,7 +50,9 @@ class WandbTracker(Tracker):
         self.run.log_artifact(art)
 
     def finish(self, status: str) -> None:
+        """Close the run with its status."""
         self.run.finish(exit_code=0 if status == "complete" else 1)
 
     def location(self) -> str:
+        """Where the run was written."""
         return self.where
