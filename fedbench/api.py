@@ -154,24 +154,23 @@ def _load_run(store: Store, run_id: str, summary: dict | None = None, reused: bo
 
 
 class _Callbacks:
-    """Runs every callback's hook in order."""
+    """Runs every callback's hook in order; a callback is told of the end only once told of the start."""
 
     def __init__(self, callbacks: Sequence[RunCallback], info: RunInfo) -> None:
-        self.callbacks, self.info, self.started = list(callbacks), info, False
+        self.callbacks, self.info, self.started = list(callbacks), info, []
 
     def start(self, _record) -> None:
-        self.started = True
         for cb in self.callbacks:
             cb.on_run_start(self.info)
+            self.started.append(cb)
 
     def round(self, result) -> None:
         for cb in self.callbacks:
             cb.on_round_end(self.info, result)
 
     def end(self, status: str, error: str | None) -> None:
-        if self.started:
-            for cb in self.callbacks:
-                cb.on_run_end(self.info, status, error)
+        for cb in self.started:
+            cb.on_run_end(self.info, status, error)
 
 
 def run(config: RunConfig | Mapping[str, Any] | None = None, /, *, results: str | Path = DEFAULT_RESULTS,
@@ -483,7 +482,7 @@ class Results:
     Every table method takes the same filters, as keyword arguments: ``method``, ``dataset``,
     ``protocol`` (the evaluation protocol: yi, pfllib, round-end), ``seed``, ``sweep``, ``run_id``,
     ``label``, or any other run option (``clients=50``, ``fraction=0.2``, ``rank=8``: a setting), each
-    a value or a list of values; a run matches when every filter matches. ``status`` (default
+    a value or a list of values (None: no filter); a run matches when every filter matches. ``status`` (default
     ``"complete"``; None: every run) picks runs by their state. The per-round tables carry the columns
     that name a run (run_id, label, method, dataset, eval_protocol, seed, sweep) first.
     """
@@ -532,12 +531,12 @@ class Results:
             rows.append({**r.to_dict(), **row})
         df = pd.DataFrame(rows, columns=list(runs.columns) if not rows else None)
         for k, want in filters.items():
-            col = self._column(k)
-            if col not in df.columns:
-                df = df.iloc[0:0]
+            if want is None:  # not given
                 continue
+            col = self._column(k)
             values = list(want) if isinstance(want, (list, tuple, set, frozenset)) else [want]
-            df = df[df[col].apply(lambda v, values=values: v in values)]
+            keep = [v in values for v in df[col]] if col in df.columns else [False] * len(df)
+            df = df.loc[pd.Series(keep, index=df.index, dtype=bool)]
         return df.reset_index(drop=True)
 
     @staticmethod

@@ -97,6 +97,7 @@ def test_results_filters_by_method_seed_setting_and_protocol(two_seeds):
     assert len(res.client_rounds(method="fedavg", seed=[0, 1])) == 2 * 2 * 5
     assert res.rounds(clients=5, protocol="yi")["run_id"].nunique() == 2
     assert res.rounds(clients=10).empty and res.rounds(method="fedkd").empty
+    assert res.runs(sweep=None, method="fedavg")["run_id"].nunique() == 2  # None: no filter
     assert res.runs(lr=0.01)["run_id"].nunique() == 2  # a core option
     assert list(res.round_metrics(seed=0).columns) == [*api.RUN_COLUMNS, "round", "name", "value"]
     assert "acc_batch_mean" in set(res.client_metrics(seed=0)["name"])  # yi's batch-mean accuracy
@@ -178,3 +179,22 @@ def test_import_fedbench_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert fedbench.run is api.run and fedbench.open_results is api.open_results and fedbench.export is api.export
+
+
+def test_a_failing_callback_stops_the_run_stored_as_failed(tmp_path):
+    class Stop(Recorder):
+        def on_round_end(self, run, result):
+            raise RuntimeError("tracker down")
+
+    class Late(Recorder):
+        def on_run_start(self, run):
+            raise RuntimeError("never started")
+
+    rec, late = Stop(), Late()
+    with pytest.raises(RuntimeError, match="tracker down"):
+        fedbench.run(TINY, rounds=1, results=tmp_path / "r.sqlite", callbacks=[rec])
+    (run_id,) = fedbench.open_results(tmp_path / "r.sqlite").runs(status="failed")["run_id"]
+    assert rec.calls == [("start", run_id), ("end", "failed", "RuntimeError: tracker down")]
+    with pytest.raises(RuntimeError, match="never started"):  # told of no end: it never started
+        fedbench.run(TINY, rounds=1, results=tmp_path / "r.sqlite", callbacks=[rec, late])
+    assert rec.calls[-1] == ("end", "failed", "RuntimeError: never started") and late.calls == []
