@@ -6,6 +6,7 @@ work starts and before the results store is touched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -20,7 +21,9 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from fedbench import hparams
+from fedbench.callbacks import RunCallback, RunInfo
 from fedbench.config import CORE_FIELDS, make_config
+from fedbench.data.partition_file import with_partition_file
 from fedbench.errors import ConfigError, choice_error
 from fedbench.report.gate import DEFAULT_TOLERANCE
 
@@ -53,6 +56,9 @@ RUN_ONLY = {  # options of `run` that are not part of a run's identity
     "client_batching": (str, typer.Option("auto", "--client-batching", help="train a round's participants in "
                         "one batched pass (methods that offer it; same results, faster): auto, on or off "
                         "(default: $FEDBENCH_CLIENT_BATCHING, else auto = on)")),
+    "track": (list[str], typer.Option([], "--track", help="stream the run to an experiment tracker while it "
+              "trains (repeatable): tensorboard[:DIR] (default runs), mlflow[:URI or DIR] (default "
+              "$MLFLOW_TRACKING_URI, else mlruns), wandb[:DIR] (offline unless $WANDB_MODE=online)")),
 }
 
 
@@ -276,103 +282,54 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
     out.print(f"FLOPs: 2 per multiply-add (fvcore MACs x 2). run {run_id} in {results}")
 
 
-def _device_type(device: str) -> str:
-    """"cpu" or "cuda": the device a run will use, for the device-dependent defaults of its config."""
-    from fedbench.engine.simulation import resolve_device
-    return resolve_device(device).type
-
-
-def with_partition_file(values: dict, path, where: str = "") -> tuple[dict, object | None]:
-    """``values`` (run options) with the imported partition of ``path`` (registered for this process):
-    its digest in ``partition_digest``; dataset and clients follow the file where unset, and must agree
-    with it where set. Without a path, a ``partition_digest`` alone is refused (the file holds the split)."""
-    from fedbench.data.partition_file import read_partition_file, register
-
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    given = values.get("partition_digest")
-    if path is None:
-        if given:
-            raise ConfigError(f"{where}--partition-digest {given} names an imported partition: give its file with "
-                              f"--partition-file FILE")
-        return values, None
-    pf = read_partition_file(path)
-    for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
-        mine = values.get(key)
-        if mine is None:
-            values[key] = theirs
-        elif str(mine).strip() != str(theirs):
-            raise ConfigError(f"{where}--{key} {mine} disagrees with partition file {path}: it holds a {pf.dataset} "
-                              f"partition of {pf.num_clients} clients (leave --{key} out to follow the file)")
-    if given and given != pf.partition_digest:
-        raise ConfigError(f"{where}--partition-digest {given} disagrees with partition file {path} "
-                          f"(its digest is {pf.partition_digest})")
-    values["partition_digest"] = pf.partition_digest
-    register(pf)
-    return values, pf
-
-
 def run(**kw):
     """Train one federated run, store it round by round, print accuracy, bytes and FLOPs."""
-    from fedbench.runner import claim_or_wait, execute, prepare, stored_summary
-    from fedbench.store import ClaimLost, Store, check_results_path
+    from fedbench import api
+    from fedbench.store import ClaimLost
 
     run_only = {k: kw.pop(k) for k in RUN_ONLY}
-    if run_only["device"] not in ("auto", "cpu", "cuda"):
-        raise choice_error("--device", run_only["device"], ("auto", "cpu", "cuda"))
-    from fedbench.engine.simulation import CLIENT_BATCHING
-    if run_only["client_batching"] not in CLIENT_BATCHING:
-        raise choice_error("--client-batching", run_only["client_batching"], CLIENT_BATCHING)
-    kw, _ = with_partition_file(kw, run_only["partition_file"])
-    cfg = make_config(kw, _device_type(run_only["device"]))
-    results = run_only["results"]
-    check_results_path(results)
-    p = prepare(cfg, run_only["data_dir"], run_only["device"])
-    store = Store(results)
+    quiet = run_only["quiet"] or run_only["json_out"]
     try:
-        if store.status(p.run_id) == "complete" and not run_only["force"]:
-            err.print(f"run {p.run_id} is already complete in {results}; showing the stored result "
-                      f"(--force runs it again)")
-            s = stored_summary(store, p.run_id)
-        elif not claim_or_wait(store, p.run_id, run_only["force"], lambda m: err.print(m, markup=False)):
-            err.print(f"run {p.run_id} was completed by another process; showing the stored result")
-            s = stored_summary(store, p.run_id)
-        else:
-            batching = run_only["client_batching"]
-            s = _execute_with_progress(p, store, lambda *a, **k: execute(*a, **k, client_batching=batching),
-                                       quiet=run_only["quiet"] or run_only["json_out"])
+        res = api.run(kw, results=run_only["results"], data_dir=run_only["data_dir"], device=run_only["device"],
+                      force=run_only["force"], client_batching=run_only["client_batching"],
+                      partition_file=run_only["partition_file"], track=run_only["track"],
+                      callbacks=[] if quiet else [_ProgressBar()], command=_invocation(),
+                      say=lambda m: err.print(m, markup=False))
     except ClaimLost as e:
         err.print(f"fedbench: {e}: this process's lease went stale and the run was taken over", markup=False)
         raise typer.Exit(1) from None
-    finally:
-        store.close()
     if run_only["json_out"]:
-        print(json.dumps({"run_id": p.run_id, "label": p.label, "config": cfg.to_dict(), **s}, indent=2))
+        print(json.dumps({"run_id": res.run_id, "label": res.label, "config": res.config, **res.summary}, indent=2))
     else:
-        print_summary(s, cfg, p.label, p.run_id, results)
+        print_summary(res.summary, res.run_config, res.label, res.run_id, run_only["results"])
 
 
-def _execute_with_progress(p, store, execute, quiet: bool) -> dict:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class _ProgressBar(RunCallback):
+    """The run's progress on stderr: rounds done, the last mean accuracy, elapsed time and ETA."""
 
-    if quiet:
-        return execute(p, store, command=_invocation())
-    cols = (TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*cols, console=err, transient=False) as prog:
-        task = prog.add_task("run", total=p.cfg.rounds, acc="")
+    def on_run_start(self, run: RunInfo) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        def on_round(r):
-            a, _ = r.accuracy()
-            prog.update(task, advance=1, acc=f"mean acc {_pct(a)}" if a is not None else prog.tasks[0].fields["acc"])
+        cols = (TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        self.prog = Progress(*cols, console=err, transient=False)
+        self.prog.start()
+        self.task = self.prog.add_task("run", total=run.config.rounds, acc="")
 
-        return execute(p, store, on_round, command=_invocation())
+    def on_round_end(self, run: RunInfo, result) -> None:
+        a, _ = result.accuracy()
+        self.prog.update(self.task, advance=1,
+                         acc=f"mean acc {_pct(a)}" if a is not None else self.prog.tasks[0].fields["acc"])
+
+    def on_run_end(self, run: RunInfo, status: str, error: str | None) -> None:
+        self.prog.stop()
 
 
 run.__signature__ = _run_signature()  # type: ignore[attr-defined]
@@ -506,87 +463,6 @@ def _only_from_cli(items: list[str]) -> dict[str, list]:
     return only
 
 
-def _sweep_partition_files(doc: dict, where: str) -> tuple[dict, dict]:
-    """A sweep document whose ``partition_file`` keys (in [base], [axes], [[include]], [[exclude]]) are
-    replaced by the files' ``partition_digest``, and the files read, by digest (registered for this
-    process). A file in [base] also gives [base] its dataset and clients where no section sets them."""
-    from fedbench.data.partition_file import read_partition_file, register
-
-    files: dict = {}
-
-    def load(path):
-        if not isinstance(path, str):
-            raise ConfigError(f"{where}: partition_file must be a path (a string), got {path!r}")
-        pf = read_partition_file(path)
-        register(pf)
-        files[pf.partition_digest] = pf
-        return pf.partition_digest
-
-    def is_file_key(k) -> bool:
-        return isinstance(k, str) and k.strip().replace("-", "_") == "partition_file"
-
-    doc = dict(doc)
-    for section in ("base",):
-        table = doc.get(section)
-        if isinstance(table, dict) and any(is_file_key(k) for k in table):
-            table = {("partition_digest" if is_file_key(k) else k): (load(v) if is_file_key(k) else v)
-                     for k, v in table.items()}
-            doc[section] = table
-    axes = doc.get("axes")
-    if isinstance(axes, dict):
-        new = {}
-        for k, values in axes.items():
-            keys = [x.strip() for x in k.split(",")]
-            at = [i for i, x in enumerate(keys) if is_file_key(x)]
-            if at and isinstance(values, list):
-                i = at[0]
-                if len(keys) == 1:
-                    values = [load(v) for v in values]
-                else:
-                    values = [[load(x) if j == i else x for j, x in enumerate(v)] if isinstance(v, list) else v
-                              for v in values]
-                keys[i] = "partition_digest"
-            new[",".join(keys)] = values
-        doc["axes"] = new
-    for section in ("include", "exclude"):
-        items = doc.get(section)
-        if isinstance(items, list):
-            doc[section] = [{("partition_digest" if is_file_key(k) else k):
-                             (([load(x) for x in v] if isinstance(v, list) else load(v)) if is_file_key(k) else v)
-                             for k, v in r.items()} if isinstance(r, dict) else r for r in items]
-    base = doc.get("base")
-    if isinstance(base, dict) and base.get("partition_digest") in files:
-        pf = files[base["partition_digest"]]
-        named = {kk.strip().replace("-", "_") for sec in ("base", "axes") for k in (doc.get(sec) or {})
-                 for kk in k.split(",")}
-        named |= {k.replace("-", "_") for r in doc.get("include") or [] if isinstance(r, dict) for k in r}
-        for key, v in (("dataset", pf.dataset), ("clients", pf.num_clients)):
-            if key not in named:
-                base[key] = v
-    return doc, files
-
-
-def _check_sweep_partitions(sw, files: dict, where: str, data_dir) -> None:
-    """Every run naming an imported partition has its file, with the file's dataset and clients; every
-    file matches the data on disk. Before anything runs."""
-    from fedbench.data.sources import load_dataset
-
-    for cfg in sw.configs:
-        if not cfg.partition_digest:
-            continue
-        pf = files.get(cfg.partition_digest)
-        if pf is None:
-            raise ConfigError(f"{where}: partition_digest {cfg.partition_digest} names an imported partition: give "
-                              f"its file as partition_file = \"FILE\"")
-        for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
-            if getattr(cfg, key) != theirs:
-                raise ConfigError(f"{where}: a run on partition file {pf.source} has {key} = {getattr(cfg, key)}, the "
-                                  f"file holds a {pf.dataset} partition of {pf.num_clients} clients")
-    for pf in files.values():
-        arrays = load_dataset(pf.dataset, data_dir)
-        pf.rows_and_partition(arrays, arrays.info.num_classes)
-
-
 @app.command("sweep")
 def sweep_cmd(
     file: Optional[Path] = typer.Argument(None, help="sweep TOML file (see fedbench/sweep.py for the format)"),
@@ -615,116 +491,45 @@ def sweep_cmd(
                                      "stored as separate runs (same results, one training's cost)"),
 ):
     """Run a grid of configs resumably: complete runs are skipped by config hash."""
-    from fedbench.store import Store, check_results_path
-    from fedbench.sweep import parse_sweep, plan, select
+    from fedbench import api
+    from fedbench.config import config_to_cli
 
-    if jobs is not None and jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    if threads < 0:
-        raise ConfigError(f"--threads must be >= 0, got {threads}")
-    if retries < 0:
-        raise ConfigError(f"--retries must be >= 0, got {retries}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise choice_error("--device", device, ("auto", "cpu", "cuda"))
-    if executor not in ("local", "ray"):
-        raise choice_error("--executor", executor, ("local", "ray"))
-    if executor == "ray":  # the runs' device is the workers' (the driver may have no GPU)
-        from fedbench.ray_executor import check_ray_options
-        device = check_ray_options(device, cpus_per_run, gpus_per_run)
-        device_type = device
-    else:
-        device_type = None
-        for opt, v in (("--address", address), ("--cpus-per-run", cpus_per_run), ("--gpus-per-run", gpus_per_run)):
-            if v is not None:
-                raise ConfigError(f"{opt} is an option of --executor ray")
-    if file is None and not axis and not base:
-        raise ConfigError("give a sweep FILE or --axis/--base options")
-    if file is not None:
-        import tomllib
-        try:
-            doc = tomllib.loads(Path(file).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"sweep file {file} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"sweep file {file} is not valid TOML: {e}") from None
-        extra = _grid_from_cli(base, axis)
-        doc.setdefault("base", {}).update(extra["base"])
-        doc.setdefault("axes", {}).update(extra["axes"])
-        where = str(file)
-    else:
-        doc, where = _grid_from_cli(base, axis), "command line"
-    doc, files = _sweep_partition_files(doc, where)
-    sw = parse_sweep(doc, where, device_type or _device_type(device))
-    if only:
-        sw = select(sw, _only_from_cli(only))
-    _check_sweep_partitions(sw, files, where, data_dir)
-    if files and executor == "ray":
-        raise ConfigError(f"{where}: partition_file runs with --executor local; --executor ray does not carry "
-                          f"partition files to its workers yet")
-    if name:
-        sw.name = name
-    check_results_path(results)
-    if dry_run and not results.exists():
-        from fedbench.config import config_to_cli
-        for cfg in sw.configs:
+    extra = _grid_from_cli(base, axis)
+    res = api.sweep(file, base=extra["base"], axes=extra["axes"], only=_only_from_cli(only) if only else None,
+                    name=name, results=results, jobs=jobs, threads=threads, data_dir=data_dir, device=device,
+                    dry_run=dry_run, executor=executor, address=address, cpus_per_run=cpus_per_run,
+                    gpus_per_run=gpus_per_run, retries=retries, co_evaluate=co_evaluate,
+                    say=lambda m: err.print(m, markup=False), progress=_sweep_progress)
+    if dry_run and res.jobs is None:
+        for cfg in res.configs:
             out.print(config_to_cli(cfg), markup=False)
-        out.print(f"{len(sw.configs)} runs ({sw.dropped} duplicate points merged)")
+        out.print(f"{len(res.configs)} runs ({res.dropped} duplicate points merged)")
         return
     if dry_run:
-        store = Store(results)
-        try:
-            jobs_list = plan(sw, store, data_dir)
-        finally:
-            store.close()
-        todo = [j for j in jobs_list if j.state == "pending"]
-        from fedbench.config import config_to_cli
-        for j in jobs_list:
+        todo = [j for j in res.jobs if j.state == "pending"]
+        for j in res.jobs:
             out.print(f"{'skip (complete)' if j.state == 'skipped' else 'run':16} {j.run_id}  {config_to_cli(j.cfg)}",
                       markup=False)
-        out.print(f"{len(todo)} to run, {len(jobs_list) - len(todo)} complete in {results}")
+        out.print(f"{len(todo)} to run, {len(res.jobs) - len(todo)} complete in {results}")
         return
-    if executor == "ray":  # connect (and check the cluster can hold a run) before the store is touched
-        from fedbench.ray_executor import RayExecutor
-        runner = RayExecutor(address, cpus_per_run or 1.0, gpus_per_run or 0.0, jobs, threads, device, data_dir)
-    else:
-        from fedbench.executors import LocalExecutor
-        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir,
-                               partition_files=tuple(pf.source for pf in files.values()))
-    try:
-        store = Store(results)
-        try:
-            jobs_list = plan(sw, store, data_dir)
-        finally:
-            store.close()
-    except BaseException:
-        runner.close()
-        raise
-    todo = [j for j in jobs_list if j.state == "pending"]
-    trainings = len({j.training_key for j in todo}) if co_evaluate else len(todo)
-    shared = f", {trainings} trainings (co-evaluated protocols share one)" if trainings < len(todo) else ""
-    err.print(f"sweep {sw.name}: {len(jobs_list)} runs, {len(jobs_list) - len(todo)} already complete, "
-              f"{len(todo)} to run{shared} with {runner.describe()} ({runner.name})")
-    final = _sweep_with_progress(jobs_list, results, runner, sw.name, retries, co_evaluate)
-    failed = [j for j in final if j.state == "failed"]
-    for j in failed:
+    for j in res.failed:
         err.print(f"failed {j.run_id}: {j.error}", markup=False)
-    done = sum(j.state == "done" for j in final)
-    out.print(f"sweep {sw.name}: {done} run, {sum(j.state == 'skipped' for j in final)} skipped, "
-              f"{sum(j.state == 'elsewhere' for j in final)} by another process, {len(failed)} failed; "
-              f"results in {results}")
-    if failed:
+    out.print(f"sweep {res.name}: {len(res.done)} run, {len(res.skipped)} skipped, "
+              f"{len(res.elsewhere)} by another process, {len(res.failed)} failed; results in {results}")
+    if res.failed:
         raise typer.Exit(1)
 
 
 SWEEP_STATES = ("done", "running", "waiting", "failed", "pending", "skipped", "elsewhere")
 
 
-def _sweep_with_progress(jobs_list, results, runner, name, retries, co_evaluate=True):
+@contextlib.contextmanager
+def _sweep_progress(jobs_list, name, runner, co_evaluate=True):
+    """The sweep's progress on stderr, yielding what to call when a job changes state: one live line on a
+    terminal, else one line each time a run ends."""
     import time as _time
 
     from rich.live import Live
-
-    from fedbench.sweep import execute_sweep
 
     start = _time.time()
 
@@ -750,10 +555,10 @@ def _sweep_with_progress(jobs_list, results, runner, name, retries, co_evaluate=
                 ended = n
                 err.print(view(js), markup=False, highlight=False, soft_wrap=True)
 
-        return execute_sweep(jobs_list, results, runner, name, retries, on_change=log_line, co_evaluate=co_evaluate)
+        yield log_line
+        return
     with Live(view(jobs_list), console=err, refresh_per_second=2, transient=False) as live:
-        return execute_sweep(jobs_list, results, runner, name, retries, on_change=lambda js: live.update(view(js)),
-                             co_evaluate=co_evaluate)
+        yield lambda js: live.update(view(js))
 
 
 @app.command("report")
@@ -776,24 +581,43 @@ def report_cmd(
     focus: str = typer.Option("fedlora", "--focus", help="method whose cost ratios against the best-accuracy baseline are stated"),
 ):
     """Tables (Markdown, HTML, LaTeX, CSV) and plots from a results store."""
-    from fedbench.report.build import build_report
-    from fedbench.store import Store
-    from fedbench.summary import check_options
+    from fedbench import api
 
-    check_options(statistic, population, weighting, protocol)
-    if target is not None and not 0 < target <= 1:
-        raise ConfigError(f"--target must be a fraction in (0, 1], got {target}")
-    if not results.is_file():
-        raise ConfigError(f"--results {results} does not exist")
-    store = Store(results)
-    try:
-        info = build_report(store, out_dir, statistic, weighting, target, sweep, dataset, focus,
-                            command=_invocation(), population=population, protocol=protocol)
-    finally:
-        store.close()
-    print(info["tables"]["fairness"].to_markdown())
-    out.print(f"report of {info['runs']} runs written to {out_dir}/ (report.md, report.html, "
-              f"accuracy/fairness/costs .md .html .tex .csv, {sum(f.endswith('.png') for f in info['files'])} plots)")
+    rep = api.report(results, out_dir, statistic=statistic, population=population, weighting=weighting,
+                     target=target, focus=focus, command=_invocation(), sweep=sweep, dataset=dataset,
+                     protocol=protocol)
+    print(rep.tables["fairness"].to_markdown())
+    out.print(f"report of {rep.runs} runs written to {out_dir}/ (report.md, report.html, "
+              f"accuracy/fairness/costs .md .html .tex .csv, {len(rep.figures)} plots)")
+
+
+@app.command("export")
+def export_cmd(
+    to: str = typer.Option(..., "--to", help="tensorboard, mlflow or wandb (pip install 'fedbench[<tracker>]')"),
+    results: Path = typer.Option(Path("fedbench-results.sqlite"), "--results", help="SQLite results store"),
+    run_ids: list[str] = typer.Option([], "--run", help="this run (repeatable; any status); default: every "
+                                      "complete run matching the filters"),
+    where: Optional[str] = typer.Option(None, "--out", help="tensorboard: log folder (default runs); mlflow: "
+                                        "tracking URI or folder (default $MLFLOW_TRACKING_URI, else mlruns); wandb: "
+                                        "folder of its wandb/ runs (default .; offline unless $WANDB_MODE=online)"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep"),
+    method: Optional[str] = typer.Option(None, "--method", help="only runs of this method"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="only runs on this dataset"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="only runs of this evaluation protocol"),
+    experiment: str = typer.Option("fedbench", "--experiment", help="mlflow: the experiment"),
+    project: str = typer.Option("fedbench", "--project", help="wandb: the project"),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="attach the figures of each run's own report"),
+):
+    """Send stored runs to an experiment tracker: per-round metrics, config, provenance, figures."""
+    from fedbench.trackers.export import export
+
+    filters = {k: v for k, v in (("sweep", sweep), ("method", method), ("dataset", dataset), ("protocol", protocol))
+               if v is not None}
+    done = export(results, to, where, figures=figures, experiment=experiment, project=project,
+                  run_ids=run_ids or None, **filters)
+    for e in done:
+        out.print(f"{e.run_id}  {e.label}  -> {e.location}", markup=False, highlight=False)
+    out.print(f"{len(done)} runs exported to {to}")
 
 
 @app.command("compare")
@@ -868,6 +692,8 @@ def pretrain_cmd(
         raise choice_error("--recipe", recipe, ("auto", *RECIPE_PRESETS))
     if device not in ("auto", "cpu", "cuda"):
         raise choice_error("--device", device, ("auto", "cpu", "cuda"))
+    from fedbench.api import _device_type
+
     dev = _device_type(device)
     if threads:
         torch.set_num_threads(threads)

@@ -244,6 +244,16 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     return make_config({**d, **mp})
 
 
+def stored_config_dict(config_json: str) -> dict[str, Any]:
+    """A stored config (``runs.config_json``) with every option: the store leaves options added later out
+    while at their default. As stored where the config no longer builds (its method is not registered)."""
+    raw = json.loads(config_json)
+    try:
+        return config_from_dict(raw).to_dict()
+    except ConfigError:
+        return raw
+
+
 def training_key(cfg: RunConfig) -> str:
     """What a run trains, its evaluation protocol left out: runs with one key train identically (evaluation
     consumes no random stream), so one training can be evaluated under each of their protocols."""

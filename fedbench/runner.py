@@ -200,16 +200,19 @@ def persist_start(store: Store, rec: RunRecord, command: str | None, sweep: str 
 
 
 def execute(p: Prepared, store: Store, on_round: Callable[[RoundResult], None] | None = None,
-            command: str | None = None, sweep: str | None = None, client_batching: str | None = None) -> dict:
+            command: str | None = None, sweep: str | None = None, client_batching: str | None = None,
+            on_start: Callable[[RunRecord], None] | None = None) -> dict:
     """Simulate and store round by round, under the store's claim on the run (taken if free; ``ClaimBusy``
     if a live process holds it, see ``claim_or_wait``); returns the summary computed back from the stored
-    rows."""
+    rows. ``on_start`` gets the record's header once it is stored, ``on_round`` each round once stored."""
     started = False
 
     def start(rec: RunRecord) -> None:
         nonlocal started
         persist_start(store, rec, command, sweep)
         started = True
+        if on_start is not None:
+            on_start(rec)
 
     def write(r: RoundResult) -> None:
         store.write_round(p.run_id, r)

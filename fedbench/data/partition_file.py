@@ -297,3 +297,111 @@ def lookup(digest: str) -> PartitionFile:
         raise ConfigError(f"the run's partition_digest {digest} names an imported partition, but no partition file "
                           f"with that digest was given (--partition-file FILE, or partition_file in a sweep)")
     return pf
+
+
+# --- partition files in run options and sweep documents ------------------------------------------
+
+def with_partition_file(values: dict, path, where: str = "") -> tuple[dict, PartitionFile | None]:
+    """``values`` (run options) with the imported partition of ``path`` (registered for this process):
+    its digest in ``partition_digest``; dataset and clients follow the file where unset, and must agree
+    with it where set. Without a path, a ``partition_digest`` alone is refused (the file holds the split)."""
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    given = values.get("partition_digest")
+    if path is None:
+        if given:
+            raise ConfigError(f"{where}--partition-digest {given} names an imported partition: give its file with "
+                              f"--partition-file FILE")
+        return values, None
+    pf = read_partition_file(path)
+    for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+        mine = values.get(key)
+        if mine is None:
+            values[key] = theirs
+        elif str(mine).strip() != str(theirs):
+            raise ConfigError(f"{where}--{key} {mine} disagrees with partition file {path}: it holds a {pf.dataset} "
+                              f"partition of {pf.num_clients} clients (leave --{key} out to follow the file)")
+    if given and given != pf.partition_digest:
+        raise ConfigError(f"{where}--partition-digest {given} disagrees with partition file {path} "
+                          f"(its digest is {pf.partition_digest})")
+    values["partition_digest"] = pf.partition_digest
+    register(pf)
+    return values, pf
+
+
+def sweep_partition_files(doc: dict, where: str) -> tuple[dict, dict]:
+    """A sweep document whose ``partition_file`` keys (in [base], [axes], [[include]], [[exclude]]) are
+    replaced by the files' ``partition_digest``, and the files read, by digest (registered for this
+    process). A file in [base] also gives [base] its dataset and clients where no section sets them."""
+    files: dict = {}
+
+    def load(path):
+        if not isinstance(path, str):
+            raise ConfigError(f"{where}: partition_file must be a path (a string), got {path!r}")
+        pf = read_partition_file(path)
+        register(pf)
+        files[pf.partition_digest] = pf
+        return pf.partition_digest
+
+    def is_file_key(k) -> bool:
+        return isinstance(k, str) and k.strip().replace("-", "_") == "partition_file"
+
+    doc = dict(doc)
+    for section in ("base",):
+        table = doc.get(section)
+        if isinstance(table, dict) and any(is_file_key(k) for k in table):
+            table = {("partition_digest" if is_file_key(k) else k): (load(v) if is_file_key(k) else v)
+                     for k, v in table.items()}
+            doc[section] = table
+    axes = doc.get("axes")
+    if isinstance(axes, dict):
+        new = {}
+        for k, values in axes.items():
+            keys = [x.strip() for x in k.split(",")]
+            at = [i for i, x in enumerate(keys) if is_file_key(x)]
+            if at and isinstance(values, list):
+                i = at[0]
+                if len(keys) == 1:
+                    values = [load(v) for v in values]
+                else:
+                    values = [[load(x) if j == i else x for j, x in enumerate(v)] if isinstance(v, list) else v
+                              for v in values]
+                keys[i] = "partition_digest"
+            new[",".join(keys)] = values
+        doc["axes"] = new
+    for section in ("include", "exclude"):
+        items = doc.get(section)
+        if isinstance(items, list):
+            doc[section] = [{("partition_digest" if is_file_key(k) else k):
+                             (([load(x) for x in v] if isinstance(v, list) else load(v)) if is_file_key(k) else v)
+                             for k, v in r.items()} if isinstance(r, dict) else r for r in items]
+    base = doc.get("base")
+    if isinstance(base, dict) and base.get("partition_digest") in files:
+        pf = files[base["partition_digest"]]
+        named = {kk.strip().replace("-", "_") for sec in ("base", "axes") for k in (doc.get(sec) or {})
+                 for kk in k.split(",")}
+        named |= {k.replace("-", "_") for r in doc.get("include") or [] if isinstance(r, dict) for k in r}
+        for key, v in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+            if key not in named:
+                base[key] = v
+    return doc, files
+
+
+def check_sweep_partitions(sw, files: dict, where: str, data_dir) -> None:
+    """Every run naming an imported partition has its file, with the file's dataset and clients; every
+    file matches the data on disk. Before anything runs."""
+    from fedbench.data.sources import load_dataset
+
+    for cfg in sw.configs:
+        if not cfg.partition_digest:
+            continue
+        pf = files.get(cfg.partition_digest)
+        if pf is None:
+            raise ConfigError(f"{where}: partition_digest {cfg.partition_digest} names an imported partition: give "
+                              f"its file as partition_file = \"FILE\"")
+        for key, theirs in (("dataset", pf.dataset), ("clients", pf.num_clients)):
+            if getattr(cfg, key) != theirs:
+                raise ConfigError(f"{where}: a run on partition file {pf.source} has {key} = {getattr(cfg, key)}, the "
+                                  f"file holds a {pf.dataset} partition of {pf.num_clients} clients")
+    for pf in files.values():
+        arrays = load_dataset(pf.dataset, data_dir)
+        pf.rows_and_partition(arrays, arrays.info.num_classes)

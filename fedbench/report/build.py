@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from PIL import Image
@@ -22,6 +23,13 @@ from fedbench.report.tables import (
     summary_legend,
 )
 from fedbench.summary import BY_PROTOCOL
+
+
+def no_runs_error(path, filters: dict) -> ConfigError:
+    """The error of an empty selection, naming the filters given (``{"sweep": "nightly", "seed": [0, 1]}``)."""
+    what = " and ".join(f"{k} {v!r}" for k, v in filters.items() if v is not None and v != "")
+    return ConfigError(f"no complete runs in {path}" + (f" for {what}" if what else ""))
+
 
 FORMATS = {"md": "to_markdown", "html": "to_html", "tex": "to_latex", "csv": "to_csv"}
 BODY_FONT_PX = 16  # the page's body text; every figure's text is drawn at least this large (plots.TEXT_PT)
@@ -50,14 +58,12 @@ FIGURE_CAPTIONS = {
 def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL,
                  target: float | None = None, sweep: str | None = None, dataset: str | None = None,
                  focus: str | None = "fedlora", command: str | None = None, population: str = BY_PROTOCOL,
-                 protocol: str | None = None) -> dict:
+                 protocol: str | None = None, run_ids: Collection[str] | None = None) -> dict:
     """Every table is made before anything is written: a summary that does not apply raises ConfigError
-    with ``out`` untouched."""
-    df, curves = run_frame(store, stat, weighting, target, sweep, dataset, population, protocol)
+    with ``out`` untouched. ``run_ids``: only these runs (with the other filters)."""
+    df, curves = run_frame(store, stat, weighting, target, sweep, dataset, population, protocol, run_ids)
     if df.empty:
-        what = " and ".join(x for x in (f"sweep {sweep!r}" if sweep else "", f"dataset {dataset!r}" if dataset else "",
-                                        f"protocol {protocol!r}" if protocol else "") if x)
-        raise ConfigError(f"no complete runs in {store.path}" + (f" for {what}" if what else ""))
+        raise no_runs_error(store.path, {"sweep": sweep, "dataset": dataset, "protocol": protocol})
     df = add_names(df)
     tables = [accuracy_table(df), global_accuracy_table(df), fairness_table(df), cost_table(df, target, focus),
               error_table(df), language_table(df)]

@@ -13,6 +13,7 @@ bytes (up + down, all clients), client training MACs and server MACs of rounds 1
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
 import numpy as np
 import pandas as pd
@@ -85,8 +86,8 @@ def _late_method_defaults(method: str) -> dict:
 
 def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, target: float | None = None,
               sweep: str | None = None, dataset: str | None = None, population: str = BY_PROTOCOL,
-              protocol: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """One row per complete run, plus {run_id: accuracy-per-round DataFrame}.
+              protocol: str | None = None, run_ids: Collection[str] | None = None) -> tuple[pd.DataFrame, dict]:
+    """One row per complete run (of ``run_ids`` only, where given), plus {run_id: accuracy-per-round DataFrame}.
 
     Raises ConfigError (before anything is written) where an asked summary does not apply to a run:
     batch-mean weighting for a run not of protocol yi, the val statistic for a run without validation rows.
@@ -94,6 +95,8 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
     runs = store.runs(status="complete")
     if sweep:
         runs = runs[runs["sweep"] == sweep]
+    if run_ids is not None:
+        runs = runs[runs["run_id"].isin(list(run_ids))]
     rows, curves = [], {}
     for _, r in runs.iterrows():
         cfg = json.loads(r["config_json"])
