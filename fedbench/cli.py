@@ -109,12 +109,12 @@ RUN_PANELS = {
                            "test_fraction", "min_role_lines"),
     "Federation": ("clients", "fraction", "rounds", "models", "same_init", "agg_weight"),
     "Local training": ("epochs", "local_steps", "batch_size", "optimizer", "lr", "lr_schedule", "lr_min",
-                       "momentum", "weight_decay", "clip", "augment"),
+                       "momentum", "weight_decay", "clip", "augment", "data_order"),
     "Evaluation": ("eval_protocol", "eval_every", "eval_val", "eval_initial", "eval_batch_size"),
     "Execution": ("device", "precision", "channels_last", "fused_sgd", "client_batching", "results", "force",
-                  "json_out", "quiet"),
+                  "json_out", "quiet", "track"),
 }
-FIRST_PANEL_OPTIONS = ("method", "seed")
+FIRST_PANEL_OPTIONS = ("method", "preset", "seed")
 PANEL_OF = {name: panel for panel, names in RUN_PANELS.items() for name in names}
 ADAPTER_PANEL = "Backbone and adapters (every federated-LoRA method)"
 
