@@ -36,8 +36,8 @@ FACT_TITLES = {
     "trains": "Client trains",
     "sends": "Travels (up and down)",
     "personalised": "Personalised only (no global model)",
-    "preset": "Reference preset",
-    "evaluation": "Evaluation kind",
+    "evaluations": "Evaluation kinds",
+    "rule_revision": "Rule revision (fidelity fixes since the first stored runs)",
 }
 NOT_FACTS = ("name",)  # ClassVars that are not facts about the method (the name is the page's title)
 
@@ -84,6 +84,12 @@ def method_page(name: str, cls) -> str:
     for attr, value in declared_facts(cls).items():
         lines.append(f"| {_cell(FACT_TITLES.get(attr, attr))} | {_cell(_fact_text(value))} |")
     lines += ["", f"Run it: `fedbench run --method {name}`; its options: `fedbench run --method {name} --help`.", ""]
+    from fedbench.presets import describe as describe_preset
+
+    preset = describe_preset(name)
+    if preset:  # the method as published: `--preset reference`
+        lines += ["## Reference preset", "", "`fedbench run --method " + name + " --preset reference` sets:", "",
+                  "```text", *(line.strip() for line in preset), "```", ""]
     module_doc = inspect.getdoc(sys.modules[cls.__module__])
     class_doc = cls.__doc__ and inspect.cleandoc(cls.__doc__)
     docs = [d for d in (module_doc, class_doc) if d]

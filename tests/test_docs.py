@@ -46,16 +46,16 @@ def test_the_nav_lists_every_method_page(hooks):
 class _Probe(FederatedLoRA):
     """A method class declaring two facts that the base classes do not."""
 
-    preset: ClassVar[str] = "lora-vision, 20 clients, r = 8"
+    evaluations = ("personalised",)
     aggregation_rule: ClassVar[str] = "weighted mean"
 
 
 def test_a_newly_declared_fact_appears_on_the_page(hooks):
     facts = hooks.declared_facts(_Probe)
     assert list(facts)[:3] == ["family", "paper", "code"]  # the titled facts first, in FACT_TITLES order
-    assert facts["preset"] == _Probe.preset and facts["sends"] == ("A", "B")
+    assert facts["evaluations"] == ("personalised",) and facts["sends"] == ("A", "B")
     page = hooks.method_page("probe", _Probe)
-    assert "| Reference preset | lora-vision, 20 clients, r = 8 |" in page  # titled in FACT_TITLES
+    assert "| Evaluation kinds | personalised |" in page  # titled in FACT_TITLES
     assert "| aggregation\\_rule | weighted mean |" in page  # not titled yet: under its own name
     assert "| Travels (up and down) | A, B |" in page
 
@@ -85,3 +85,12 @@ def test_readme_links_resolve_and_reach_the_docs():
     local = [link for link in links if "://" not in link]
     assert "docs/index.md" in local and "docs/concepts/store.md" in local
     assert [link for link in local if not (ROOT / link).exists()] == []
+
+
+def test_a_method_page_shows_its_reference_preset(hooks):
+    from fedbench.presets import REFERENCES
+    from fedbench.registry import get_method
+
+    page = hooks.method_page("flasc", get_method("flasc"))
+    assert "## Reference preset" in page and f"--rank {REFERENCES['flasc'].values['rank']}" in page
+    assert "## Reference preset" not in hooks.method_page("fedavg", get_method("fedavg"))
