@@ -659,13 +659,18 @@ def report_cmd(
                                            "pfllib or round-end"),
     target: Optional[float] = typer.Option(None, "--target", help="target accuracy for rounds-to-target costs, e.g. 0.9"),
     focus: str = typer.Option("fedlora", "--focus", help="method whose cost ratios against the best-accuracy baseline are stated"),
+    test: str = typer.Option("paired", "--test", help="significance test against the best method: paired (t-test "
+                             "on per-seed differences, runs of a seed must share the partition) or welch (unpaired, "
+                             "for runs that do not share splits); Holm-corrected per table column"),
 ):
     """Tables (Markdown, HTML, LaTeX, CSV) and plots from a results store."""
     from fedbench.report.build import build_report
+    from fedbench.report.stats import check_test
     from fedbench.store import Store
     from fedbench.summary import check_options
 
     check_options(statistic, population, weighting, protocol)
+    check_test(test)
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"--target must be a fraction in (0, 1], got {target}")
     if not results.is_file():
@@ -673,7 +678,7 @@ def report_cmd(
     store = Store(results)
     try:
         info = build_report(store, out_dir, statistic, weighting, target, sweep, dataset, focus,
-                            command=_invocation(), population=population, protocol=protocol)
+                            command=_invocation(), population=population, protocol=protocol, test=test)
     finally:
         store.close()
     print(info["tables"]["fairness"].to_markdown())

@@ -12,6 +12,7 @@ from fedbench.report import plots
 from fedbench.report.frame import add_names, run_frame
 from fedbench.report.tables import (
     accuracy_table,
+    comparison_table,
     cost_table,
     error_table,
     fairness_table,
@@ -23,10 +24,17 @@ from fedbench.summary import BY_PROTOCOL
 FORMATS = {"md": "to_markdown", "html": "to_html", "tex": "to_latex", "csv": "to_csv"}
 
 
+def _comparison_tables(df, test: str) -> list:
+    """The per-method test details behind the accuracy tables' marks (personalised, and global where any)."""
+    return [comparison_table(df, test=test),
+            comparison_table(df, column="global_accuracy", test=test, name="global_comparisons")
+            if "global_accuracy" in df and df["global_accuracy"].notna().any() else None]
+
+
 def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL,
                  target: float | None = None, sweep: str | None = None, dataset: str | None = None,
                  focus: str | None = "fedlora", command: str | None = None, population: str = BY_PROTOCOL,
-                 protocol: str | None = None) -> dict:
+                 protocol: str | None = None, test: str = "paired") -> dict:
     """Every table is made before anything is written: a summary that does not apply raises ConfigError
     with ``out`` untouched."""
     df, curves = run_frame(store, stat, weighting, target, sweep, dataset, population, protocol)
@@ -35,8 +43,8 @@ def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_
                                         f"protocol {protocol!r}" if protocol else "") if x)
         raise ConfigError(f"no complete runs in {store.path}" + (f" for {what}" if what else ""))
     df = add_names(df)
-    tables = [accuracy_table(df), global_accuracy_table(df), fairness_table(df), cost_table(df, target, focus),
-              error_table(df), language_table(df)]
+    tables = [accuracy_table(df, test=test), global_accuracy_table(df, test=test), *_comparison_tables(df, test),
+              fairness_table(df), cost_table(df, target, focus), error_table(df), language_table(df)]
     tables = [t for t in tables if t is not None]
     out.mkdir(parents=True, exist_ok=True)
     written = []

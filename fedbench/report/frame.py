@@ -5,6 +5,9 @@ The summary of each run (protocol, population, statistic, weighting) is resolved
 The protocol of the runs (``eval_protocol``) is a setting column whenever the runs differ in it, so runs of
 different protocols are never averaged together.
 
+``split_digest``: the store's digest of the partition the run used (runs of one seed share it; the paired
+tests of :mod:`fedbench.report.stats` refuse to pair runs whose digests differ).
+
 Rounds to target (spec A.6): the first evaluation round whose accuracy, in the same series the accuracy
 table summarises (population and weighting), reaches the target. Cost to target: the cumulative stored
 bytes (up + down, all clients), client training MACs and server MACs of rounds 1..that round.
@@ -112,7 +115,8 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         row.update({f"hp_{k}": v for k, v in cfg["method_params"].items()})
         row[PROTOCOL_KEY] = proto
         row.update(
-            run_id=r["run_id"], label=r["label"], command=_reproduce(cfg, r["command"]), invocation=r["command"],
+            run_id=r["run_id"], split_digest=r.get("partition_digest") or None, label=r["label"],
+            command=_reproduce(cfg, r["command"]), invocation=r["command"],
             sweep=r["sweep"], summary=summ.short(), summary_text=summ.describe(), population=summ.population,
             statistic=summ.statistic, weighting=summ.weighting,
             accuracy=numbers["accuracy"], selected_rounds=numbers["rounds"],

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from fedbench.errors import ConfigError
+from fedbench.report.stats import WILCOXON_MIN_N, compare_to_best, describe_test
 from fedbench.summary import STAT_NAMES
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -120,11 +120,12 @@ def _incomplete(sub: pd.DataFrame) -> bool:
     return bool((sub["defined_min"] < sub["population_max"]).any() or (sub["never_max"] > 0).any())
 
 
-def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05) -> Table | None:
+def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05, test: str = "paired") -> Table | None:
     """The global model (methods that have one) on the union of the clients' test splits."""
     if "global_accuracy" not in df or df["global_accuracy"].notna().sum() == 0:
         return None
-    t = accuracy_table(df, alpha, column="global_accuracy")
+    t = accuracy_table(df, alpha, column="global_accuracy", test=test)
+    marks = t.caption[t.caption.index("†"):t.caption.index("; –")]
     t.name = "global_accuracy"
     stats_ = df.groupby("setting", sort=False)["statistic"].first()
     stat_text = (STAT_NAMES[stats_.iloc[0]] if stats_.nunique() == 1
@@ -132,8 +133,7 @@ def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05) -> Table | None
     t.caption = (f"Global-model accuracy (%) on the union of all clients' test splits (one pooled accuracy, "
                  f"sample-weighted by construction; population and weighting do not apply), statistic: {stat_text} "
                  f"(val: at the round the clients' validation accuracy selects); mean ± std over seeds (n); – : the "
-                 f"method has no global model (personalised or local-only). Bold: best per setting; †: not "
-                 f"significantly different from the best (Welch's t-test, p ≥ {alpha}).")
+                 f"method has no global model (personalised or local-only). Bold: best per setting; {marks}.")
     t.rows[0] = [Cell("statistic")] + [Cell(stats_.get(h, "")) for h in t.header[1:]]
     t.notes = [n for n in t.notes if not n.startswith("Defined predictions")]
     return t
@@ -159,46 +159,76 @@ def error_table(df: pd.DataFrame) -> Table | None:
     return t
 
 
-def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy") -> Table:
-    """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best.
+def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy", test: str = "paired") -> Table:
+    """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best
+    (:mod:`fedbench.report.stats`: ``paired`` t-test by seed or ``welch``, Holm-corrected per column).
     The first row names each column's summary (a CSV has no caption)."""
     settings = list(dict.fromkeys(df["setting"]))
     variants = list(dict.fromkeys(df.sort_values(["method", "variant"])["variant"]))
-    t = Table("accuracy",
-              f"Mean local test accuracy (%). {summary_caption(df)} Mean ± std over seeds (n). Bold: best per "
-              f"setting; †: not significantly different from the best (Welch's t-test, p ≥ {alpha}); –: no defined "
-              f"accuracy.",
-              ["method"] + settings)
+    t = Table("accuracy", "", ["method"] + settings)
     t.rows.append(_summary_row(df, settings))
-    cells = {}
+    cells, ns = {}, set()
     for s in settings:
         sub = df[df["setting"] == s]
-        groups = {v: sub[sub["variant"] == v][column] * 100 for v in variants}
-        aggs = {v: _seeds_agg(g) for v, g in groups.items()}
+        groups = {v: sub[sub["variant"] == v] for v in variants}
+        aggs = {v: _seeds_agg(g[column] * 100) for v, g in groups.items()}
         valid = {v: a for v, a in aggs.items() if a[2] > 0}
         best = max(valid, key=lambda v: valid[v][0]) if valid else None
+        marks = compare_to_best({v: g for v, g in groups.items() if v in valid}, best, column, test,
+                                f"setting {s!r}") if best is not None else {}
+        ns |= {c.n for c in marks.values()}
         for v in variants:
             m, sd, n = aggs[v]
             if n == 0:
                 cells[(v, s)] = Cell("–")
                 continue
             c = Cell(f"{m:.2f} ± {sd:.2f} ({n})", m, bold=(v == best))
-            if v != best and best is not None and n > 1 and aggs[best][2] > 1:
-                a, b = groups[best].dropna().to_numpy(float), groups[v].dropna().to_numpy(float)
-                if np.std(a) + np.std(b) == 0:
-                    p = 1.0 if np.mean(a) == np.mean(b) else 0.0
-                else:
-                    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-                c.mark = p >= alpha
+            if v in marks:
+                c.mark = marks[v].p_holm >= alpha
             cells[(v, s)] = c
+    t.caption = (f"Mean local test accuracy (%). {summary_caption(df)} Mean ± std over seeds (n). Bold: best per "
+                 f"setting; {describe_test(test, alpha, ns)}; –: no defined accuracy.")
     for v in variants:
         t.rows.append([Cell(v)] + [cells[(v, s)] for s in settings])
     if (df.groupby(["variant", "setting"]).size() < 2).any():
-        t.notes.append("Cells with a single seed get no significance mark.")
+        t.notes.append("Cells with a single seed (or a single shared seed with the best) get no significance mark.")
     for (v, s), sub in df.groupby(["variant", "setting"], sort=False):
         if _incomplete(sub):
             t.notes.append(f"Defined predictions: {v} in {s}: {_defined_range(sub)} clients at the selected "
                            f"round(s); the accuracy is over the defined ones (see the fairness table).")
+    return t
+
+
+def comparison_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy", test: str = "paired",
+                     name: str = "comparisons") -> Table | None:
+    """Per setting, every method against the best of its column: n, the mean difference best - method
+    (points) with its 95 % CI, the test's p, Holm's adjusted p and (paired, n >= 6) Wilcoxon's p."""
+    rows = []
+    for s in dict.fromkeys(df["setting"]):
+        sub = df[(df["setting"] == s) & df[column].notna()]
+        if sub.empty:
+            continue
+        groups = {v: g for v, g in sub.groupby("variant", sort=True)}
+        means = {v: g[column].mean() for v, g in groups.items()}
+        best = max(means, key=means.get)
+        for v, c in compare_to_best(groups, best, column, test, f"setting {s!r}").items():
+            ci = "–" if not np.isfinite(c.ci_low) else f"[{c.ci_low:.2f}, {c.ci_high:.2f}]"
+            wil = f"{c.p_wilcoxon:.4f}" if np.isfinite(c.p_wilcoxon) else f"– (n < {WILCOXON_MIN_N})"
+            rows.append([Cell(s), Cell(best), Cell(v), Cell(str(c.n)), Cell(f"{c.diff:.2f}", c.diff), Cell(ci),
+                         Cell(f"{c.p:.4f}", c.p), Cell(f"{c.p_holm:.4f}", c.p_holm,
+                                                        bold=c.p_holm < alpha), Cell(wil)])
+    if not rows:
+        return None
+    what = "local test accuracy" if column == "accuracy" else "global-model accuracy"
+    kind = ("paired t-test on the per-seed differences (runs paired by seed, same partition digest), 95 % CI of "
+            "the mean difference (t, n - 1 df, not corrected)" if test == "paired"
+            else "Welch's unpaired t-test on the seed samples (no CI)")
+    t = Table(name, f"Each method against the best of its setting ({what}, points): {kind}; p Holm-corrected over "
+                    f"the methods of the setting (bold: adjusted p < {alpha}); Wilcoxon signed-rank (exact, two-sided) "
+                    f"only where n ≥ {WILCOXON_MIN_N} pairs (below, its smallest p is 2/2^n ≥ 0.0625). "
+                    f"{summary_caption(df)}",
+              ["setting", "best", "method", "n", "best − method", "95 % CI", "p", "p (Holm)", "p (Wilcoxon)"])
+    t.rows = rows
     return t
 
 
