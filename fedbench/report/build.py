@@ -54,6 +54,7 @@ def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_
             p.write_text(getattr(t, fn)())
             written.append(p)
     pngs = (plots.accuracy_curves(df, curves, out) + plots.accuracy_vs_cost(df, out)
+            + plots.accuracy_vs_cumulative(df, curves, out)
             + plots.rank_mu_heatmaps(df, out) + plots.accuracy_vs_clients(df, out)
             + plots.global_accuracy_curves(df, curves, out) + plots.metric_curves(df, out))
     df.drop(columns=["metric_curves"]).to_csv(out / "runs.csv", index=False)

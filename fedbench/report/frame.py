@@ -10,7 +10,13 @@ tests of :mod:`fedbench.report.stats` refuse to pair runs whose digests differ).
 
 Rounds to target (spec A.6): the first evaluation round whose accuracy, in the same series the accuracy
 table summarises (population and weighting), reaches the target. Cost to target: the cumulative stored
-bytes (up + down, all clients), client training MACs and server MACs of rounds 1..that round.
+per-round bytes (up + down, all clients), client training MACs and server MACs of rounds 1..that round.
+
+One-time costs are kept apart from per-round ones: ``bytes_once`` is what the run sent once (the initial
+push to every client, ``client_rounds.bytes_down_once``; NaN for a store written before it was recorded,
+whose per-round figures then still include it), and ``bytes_down_round`` / ``bytes_to_target`` leave it
+out, so a per-round figure does not change with the run's length. ``down_to``: whether the server's
+per-round send goes to every client or to the round's participants.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from fedbench.summary import (
     accuracy_series,
     cost_to_target,
     global_accuracy_series,
+    one_time_bytes,
+    per_round_bytes,
     resolve,
     run_protocol,
     summarize_accuracy,
@@ -106,6 +114,7 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         metric_wide = rm.pivot(index="round", columns="name", values="value") if not rm.empty else pd.DataFrame()
         curve = curve.merge(glob.rename("global_accuracy").reset_index(), on="round", how="left") \
             if len(glob) else curve.assign(global_accuracy=np.nan)
+        curve = curve.merge(cumulative_costs(cr, rounds), on="round", how="left")
         curves[r["run_id"]] = curve
         metric_curves = {m: metric_wide[m].dropna() for m in REPORT_METRICS if m in metric_wide}
         n_rounds = max(int(rounds["round"].max()), 1) if len(rounds) else 1
@@ -121,7 +130,9 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
             statistic=summ.statistic, weighting=summ.weighting,
             accuracy=numbers["accuracy"], selected_rounds=numbers["rounds"],
             global_accuracy=_global_statistic(glob, summ.statistic, numbers["rounds"]),
-            bytes_up_round=float(cr["bytes_up"].sum()) / n_rounds, bytes_down_round=float(cr["bytes_down"].sum()) / n_rounds,
+            bytes_up_round=float(cr["bytes_up"].sum()) / n_rounds,
+            bytes_down_round=float(per_round_bytes(cr)["down"].sum()) / n_rounds,
+            bytes_once=one_time_bytes(cr), down_to=_down_to(cfg["method"]),
             client_tflop_round=2 * float(cr["train_macs"].sum()) / 1e12 / n_rounds,
             server_tflop_round=2 * float(rounds["server_macs"].sum()) / 1e12 / n_rounds,
             wall_s=float(rounds["wall_s"].sum()),
@@ -135,6 +146,28 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         row.update(language_numbers(metric_wide, store.client_metrics(r["run_id"])))
         rows.append(row)
     return pd.DataFrame(rows), curves
+
+
+def _down_to(method: str) -> str:
+    """Whom the method's server sends to each round: every client (``push = "all"``) or the participants."""
+    from fedbench.registry import get_method
+    try:
+        push = get_method(method).push
+    except (KeyError, ConfigError):
+        return "?"
+    return "every client" if push == "all" else "participants"
+
+
+def cumulative_costs(client_rounds: pd.DataFrame, rounds: pd.DataFrame) -> pd.DataFrame:
+    """Per round: cumulative bytes (up + down, all clients, the one-time sends included: they are paid before
+    round 1) and cumulative client + server TFLOP, for plots of accuracy against what was spent."""
+    if client_rounds.empty:
+        return pd.DataFrame(columns=["round", "cum_bytes", "cum_tflop"])
+    b = per_round_bytes(client_rounds)
+    macs = client_rounds.groupby("round")["train_macs"].sum()
+    server = rounds.set_index("round")["server_macs"].reindex(macs.index).fillna(0)
+    return pd.DataFrame({"round": b.index, "cum_bytes": (b["up"] + b["down"] + b["once"]).cumsum().to_numpy(float),
+                         "cum_tflop": (2 * (macs + server) / 1e12).cumsum().to_numpy(float)})
 
 
 def language_numbers(metric_wide: pd.DataFrame, client_metrics: pd.DataFrame) -> dict:

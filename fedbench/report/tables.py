@@ -273,20 +273,32 @@ def _ratio(name: str, base: float, mine: float, unit: str) -> str:
     return f"{name} {base / mine:.2f}× lower" if base >= mine else f"{name} {mine / base:.2f}× higher"
 
 
+ONCE_UNKNOWN = "not recorded"
+
+
 def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None) -> Table:
-    """Per variant and setting: bytes and FLOPs per round, rounds to the target accuracy and the stored
-    cumulative bytes and FLOPs up to that round, and the ratios of the best-accuracy baseline's costs to the
-    focus method's (as the FedLoRA abstract states them)."""
-    header = ["method", "setting", "up / round", "down / round", "client TFLOP / round", "server TFLOP / round"]
+    """Per variant and setting: whom the server sends to, the one-time bytes, bytes and FLOPs per round,
+    rounds to the target accuracy and the per-round bytes and FLOPs summed up to that round (the one-time
+    bytes beside them), and the ratios of the best-accuracy baseline's costs to the focus method's (as the
+    FedLoRA abstract states them), to the target with and without the one-time sends."""
+    df = df.assign(bytes_once=df["bytes_once"] if "bytes_once" in df else np.nan,
+                   down_to=df["down_to"] if "down_to" in df else "?")
+    header = ["method", "setting", "down to", "one-time bytes", "up / round", "down / round", "client TFLOP / round",
+              "server TFLOP / round"]
     if target is not None:
         header += [f"rounds to {target:.0%}", "bytes to target", "client TFLOP to target", "server TFLOP to target"]
-    cap = ("Costs per round (stored totals / rounds, mean over seeds; all clients, up and down separately; "
-           "FLOPs = 2 × fvcore MACs, training only)")
+    cap = ("Costs (mean over seeds; all clients). One-time bytes: what the run sends once, before round 1's "
+           "training (the initial state pushed to every client: FedKD's dense mentee, LG-FedAvg's head, FedGH's "
+           f"header); '{ONCE_UNKNOWN}': a run stored before fedbench kept it apart, its per-round figures then "
+           "include it spread over the rounds. Per round: the stored totals less the one-time bytes, / rounds "
+           "(up and down separately; FLOPs = 2 × fvcore MACs, training only; the pretrained backbone a "
+           "federated-LoRA client holds is not sent and not counted). Down to: the per-round send goes to every "
+           "client or to the round's participants")
     if target is not None:
-        cap += (f", and to reach {target:.0%} accuracy: the first evaluation round whose accuracy, in the series "
-                f"the accuracy table summarises, reaches it; bytes and TFLOP to target are the stored per-round sums "
-                f"of rounds 1 up to and including that round, mean over the seeds that reached it ((k/n seeds) where "
-                f"not all did). {summary_caption(df)}")
+        cap += (f". To reach {target:.0%} accuracy: the first evaluation round whose accuracy, in the series "
+                f"the accuracy table summarises, reaches it; bytes and TFLOP to target are the per-round sums of "
+                f"rounds 1 up to and including that round (the one-time bytes not included: add the one-time "
+                f"column), mean over the seeds that reached it ((k/n seeds) where not all did). {summary_caption(df)}")
     else:
         cap += "."
     t = Table("costs", cap, header)
@@ -295,6 +307,7 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
     def reached_mean(x):
         return x.dropna().mean() if x.notna().any() else np.nan
     agg = g.agg(up=("bytes_up_round", "mean"), down=("bytes_down_round", "mean"),
+                once=("bytes_once", "mean"), down_to=("down_to", "first"),
                 tflop=("client_tflop_round", "mean"), server=("server_tflop_round", "mean"),
                 acc=("accuracy", "mean"), method=("method", "first"),
                 rtt=("rounds_to_target", reached_mean), reached=("rounds_to_target", lambda x: int(x.notna().sum())),
@@ -306,8 +319,10 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
     def num(x, fmt):
         return Cell("–") if not np.isfinite(x) else Cell(fmt(x), float(x))
     for _, r in agg.sort_values(["_order", "method", "variant"]).iterrows():
-        row = [Cell(r["variant"]), Cell(r["setting"]), Cell(_fmt_bytes(r["up"])), Cell(_fmt_bytes(r["down"])),
-               Cell(f"{r['tflop']:.4f}"), Cell(f"{r['server']:.4f}")]
+        once = Cell(ONCE_UNKNOWN) if not np.isfinite(r["once"]) else Cell(_fmt_bytes(r["once"]), float(r["once"]))
+        silent = r["up"] == 0 and r["down"] == 0 and r["once"] == 0
+        row = [Cell(r["variant"]), Cell(r["setting"]), Cell("nothing sent" if silent else r["down_to"]), once, Cell(_fmt_bytes(r["up"])),
+               Cell(_fmt_bytes(r["down"])), Cell(f"{r['tflop']:.4f}"), Cell(f"{r['server']:.4f}")]
         if target is not None:
             seeds = f" ({r['reached']}/{r['n']} seeds)" if 0 < r["reached"] < r["n"] else ""
             if r["reached"] == 0:
@@ -323,28 +338,42 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
                 t.notes.append(f"{v} in {s} reached the target while up to {int(never.max())} clients had not "
                                f"been evaluated yet (left out of the accuracy of that round).")
     if focus is not None and (agg["method"] == focus).any():
-        for s, sub in agg.groupby("setting", sort=False):
-            mine_rows = sub[(sub["method"] == focus) & sub["acc"].notna()]
-            others = sub[(sub["method"] != focus) & sub["acc"].notna()]
-            if others.empty or mine_rows.empty:
-                continue
-            mine = mine_rows.loc[mine_rows["acc"].idxmax()]
-            base = others.loc[others["acc"].idxmax()]
-            ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points",
-                      _ratio("communication per round", base["up"] + base["down"], mine["up"] + mine["down"], "bytes"),
-                      _ratio("computation per round", base["tflop"], mine["tflop"], "tflop")]
-            if target is not None:
-                if mine["reached"] == mine["n"] and base["reached"] == base["n"]:
-                    ratios += [_ratio("communication to target", base["bytes_tt"], mine["bytes_tt"], "bytes"),
-                               _ratio("computation to target (client + server)", base["tflop_tt"] + base["server_tt"],
-                                      mine["tflop_tt"] + mine["server_tt"], "tflop")]
-                else:
-                    ratios.append(f"no cost-to-target ratio: the target was reached by {mine['variant']} in "
-                                  f"{mine['reached']}/{mine['n']} seeds and by {base['variant']} in "
-                                  f"{base['reached']}/{base['n']}")
-            t.notes.append(f"{mine['variant']} vs the best-accuracy baseline {base['variant']} "
-                           f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
+        t.notes += _focus_notes(agg, focus, target)
     return t
+
+
+def _focus_notes(agg: pd.DataFrame, focus: str, target: float | None) -> list[str]:
+    """Per setting: the focus method against the best-accuracy baseline, per round and to the target (with
+    and without the one-time sends)."""
+    notes = []
+    for s, sub in agg.groupby("setting", sort=False):
+        mine_rows = sub[(sub["method"] == focus) & sub["acc"].notna()]
+        others = sub[(sub["method"] != focus) & sub["acc"].notna()]
+        if others.empty or mine_rows.empty:
+            continue
+        mine = mine_rows.loc[mine_rows["acc"].idxmax()]
+        base = others.loc[others["acc"].idxmax()]
+        ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points",
+                  _ratio("communication per round", base["up"] + base["down"], mine["up"] + mine["down"], "bytes"),
+                  _ratio("computation per round", base["tflop"], mine["tflop"], "tflop")]
+        if target is not None:
+            if mine["reached"] == mine["n"] and base["reached"] == base["n"]:
+                ratios.append(_ratio("communication to target (per-round sends)", base["bytes_tt"], mine["bytes_tt"],
+                                     "bytes"))
+                if np.isfinite(base["once"]) and np.isfinite(mine["once"]):
+                    ratios.append(_ratio("with the one-time sends", base["bytes_tt"] + base["once"],
+                                         mine["bytes_tt"] + mine["once"], "bytes"))
+                else:
+                    ratios.append(f"one-time sends {ONCE_UNKNOWN} (inside the per-round figures)")
+                ratios.append(_ratio("computation to target (client + server)", base["tflop_tt"] + base["server_tt"],
+                                     mine["tflop_tt"] + mine["server_tt"], "tflop"))
+            else:
+                ratios.append(f"no cost-to-target ratio: the target was reached by {mine['variant']} in "
+                              f"{mine['reached']}/{mine['n']} seeds and by {base['variant']} in "
+                              f"{base['reached']}/{base['n']}")
+        notes.append(f"{mine['variant']} vs the best-accuracy baseline {base['variant']} "
+                     f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
+    return notes
 
 
 LANGUAGE_COLUMNS = (("ppl_global_before", "global ppl before"), ("ppl_global_after", "global ppl after"),
