@@ -149,3 +149,21 @@ def test_report_refuses_to_pair_different_splits_exit_2(tmp_path, capsys):
         main(["report", "--results", str(tmp_path / "s.sqlite"), "--out", str(tmp_path / "r"), "--test", "welch"])
     assert e.value.code == 0
     assert (tmp_path / "r" / "comparisons.csv").exists()
+
+
+def test_global_table_says_why_a_cell_is_empty():
+    from fedbench.report.tables import global_accuracy_table
+    rows = []
+    for seed in (0, 1):
+        rows.append({"method": "fedit", "variant": "fedit", "setting": "s", "seed": seed, "accuracy": 0.5,
+                     "global_accuracy": 0.4 + seed / 100, "statistic": "last"})
+        rows.append({"method": "fedsa-lora", "variant": "fedsa-lora", "setting": "s", "seed": seed, "accuracy": 0.6,
+                     "global_accuracy": float("nan"), "statistic": "last"})
+        rows.append({"method": "fedit", "variant": "fedit", "setting": "t", "seed": seed, "accuracy": 0.5,
+                     "global_accuracy": 0.4, "statistic": "last"})
+    df = pd.DataFrame(rows).assign(summary="x", summary_text="x", defined_min=1, population_max=1, never_max=0)
+    t = global_accuracy_table(df)
+    cells = {r[0].text: [c.text for c in r[1:]] for r in t.rows[1:]}
+    assert cells["fedsa-lora"] == ["– (personalised method: no global model)", "– (not run)"]
+    assert cells["fedit"][0].startswith("40.50")
+    assert "evaluation protocol" in t.caption

@@ -150,7 +150,9 @@ def compare_to_best(groups: dict[str, pd.DataFrame], best: str, column: str, tes
 
 def describe_test(test: str, alpha: float, ns: set[int]) -> str:
     """The caption's sentence: the test, n and the correction."""
-    n = f"n = {next(iter(ns))}" if len(ns) == 1 else f"n = {min(ns)}-{max(ns)}" if ns else "n = 0"
+    if not ns:
+        return "†: none (no method shares two seeds with the best)"
+    n = f"n = {next(iter(ns))}" if len(ns) == 1 else f"n = {min(ns)}-{max(ns)}"
     if test == "paired":
         return (f"†: not significantly different from the best: paired t-test across seeds (runs paired by seed, "
                 f"same partition; {n} pairs), Holm-corrected over the methods of the column, adjusted p ≥ {alpha}")

@@ -132,11 +132,35 @@ def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05, test: str = "pa
                  else " | ".join(f"{s}: {STAT_NAMES[v]}" for s, v in stats_.items()))
     t.caption = (f"Global-model accuracy (%) on the union of all clients' test splits (one pooled accuracy, "
                  f"sample-weighted by construction; population and weighting do not apply), statistic: {stat_text} "
-                 f"(val: at the round the clients' validation accuracy selects); mean ± std over seeds (n); – : the "
-                 f"method has no global model (personalised or local-only). Bold: best per setting; {marks}.")
+                 f"(val: at the round the clients' validation accuracy selects); evaluation protocol: the server's model after "
+                 f"the round's aggregation; mean ± std over seeds (n); – (why): no global accuracy. Bold: best per setting; {marks}.")
     t.rows[0] = [Cell("statistic")] + [Cell(stats_.get(h, "")) for h in t.header[1:]]
+    for row in t.rows[1:]:
+        for s, c in zip(t.header[1:], row[1:], strict=True):
+            if c.text == "–":
+                c.text = "– (" + _no_global_reason(df[(df["variant"] == row[0].text) & (df["setting"] == s)]) + ")"
     t.notes = [n for n in t.notes if not n.startswith("Defined predictions")]
     return t
+
+
+def _no_global_reason(runs: pd.DataFrame) -> str:
+    """Why a variant's cell of the global table is empty: not run there, or its method has no global model
+    (declared by the federated-LoRA method's ``evaluations`` where the method declares them, else its
+    ``personalised`` flag, ``--head local``, or a method that never overrides ``global_predict``), or no
+    global-accuracy rows were stored."""
+    from fedbench.methods.base import Method
+    from fedbench.registry import methods
+    if runs.empty:
+        return "not run"
+    cls = methods().get(runs["method"].iloc[0])
+    kinds = getattr(cls, "evaluations", None)
+    if getattr(cls, "personalised", False) or (kinds is not None and "global" not in kinds):
+        return "personalised method: no global model"
+    if "hp_head" in runs and (runs["hp_head"] == "local").all():
+        return "--head local: no global head"
+    if isinstance(cls, type) and cls.global_predict is Method.global_predict:
+        return "no global model"
+    return "no global accuracy stored"
 
 
 def error_table(df: pd.DataFrame) -> Table | None:
@@ -186,8 +210,9 @@ def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accurac
             if v in marks:
                 c.mark = marks[v].p_holm >= alpha
             cells[(v, s)] = c
-    t.caption = (f"Mean local test accuracy (%). {summary_caption(df)} Mean ± std over seeds (n). Bold: best per "
-                 f"setting; {describe_test(test, alpha, ns)}; –: no defined accuracy.")
+    t.caption = (f"Personalised accuracy (%): each client scored on its own test split with its own model. "
+                 f"{summary_caption(df)} Mean ± std over seeds (n). Bold: best per setting; "
+                 f"{describe_test(test, alpha, ns)}; –: no defined accuracy.")
     for v in variants:
         t.rows.append([Cell(v)] + [cells[(v, s)] for s in settings])
     if (df.groupby(["variant", "setting"]).size() < 2).any():
