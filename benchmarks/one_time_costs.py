@@ -71,10 +71,12 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--target", type=float, required=True)
     ap.add_argument("--focus", default="fedlora")
+    ap.add_argument("--against", default="fedkd", help="a baseline the focus method is also compared with")
     a = ap.parse_args()
     torch.set_num_threads(1)
     df = with_one_time(pd.read_csv(a.folder / "runs.csv"))
     t = cost_table(df, a.target, a.focus)
+    t.notes += [n for n in cost_table(df, a.target, a.focus, a.against).notes if n not in t.notes]
     t.name = "costs-one-time"
     t.caption = ("Recomputed from runs.csv by benchmarks/one_time_costs.py (the one-time bytes derived from each "
                  "method's initial broadcast, not stored by these runs). " + t.caption)

@@ -301,11 +301,13 @@ def _ratio(name: str, base: float, mine: float, unit: str) -> str:
 ONCE_UNKNOWN = "not recorded"
 
 
-def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None) -> Table:
+def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None,
+               against: str | None = None) -> Table:
     """Per variant and setting: whom the server sends to, the one-time bytes, bytes and FLOPs per round,
     rounds to the target accuracy and the per-round bytes and FLOPs summed up to that round (the one-time
     bytes beside them), and the ratios of the best-accuracy baseline's costs to the focus method's (as the
-    FedLoRA abstract states them), to the target with and without the one-time sends."""
+    FedLoRA abstract states them), to the target with and without the one-time sends; ``against``: a
+    named baseline method instead of the best-accuracy one."""
     df = df.assign(bytes_once=df["bytes_once"] if "bytes_once" in df else np.nan,
                    down_to=df["down_to"] if "down_to" in df else "?")
     header = ["method", "setting", "down to", "one-time bytes", "up / round", "down / round", "client TFLOP / round",
@@ -363,17 +365,17 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
                 t.notes.append(f"{v} in {s} reached the target while up to {int(never.max())} clients had not "
                                f"been evaluated yet (left out of the accuracy of that round).")
     if focus is not None and (agg["method"] == focus).any():
-        t.notes += _focus_notes(agg, focus, target)
+        t.notes += _focus_notes(agg, focus, target, against)
     return t
 
 
-def _focus_notes(agg: pd.DataFrame, focus: str, target: float | None) -> list[str]:
-    """Per setting: the focus method against the best-accuracy baseline, per round and to the target (with
-    and without the one-time sends)."""
+def _focus_notes(agg: pd.DataFrame, focus: str, target: float | None, against: str | None = None) -> list[str]:
+    """Per setting: the focus method against the best-accuracy baseline (or the method ``against``), per
+    round and to the target (with and without the one-time sends)."""
     notes = []
     for s, sub in agg.groupby("setting", sort=False):
         mine_rows = sub[(sub["method"] == focus) & sub["acc"].notna()]
-        others = sub[(sub["method"] != focus) & sub["acc"].notna()]
+        others = sub[(sub["method"] != focus) & sub["acc"].notna() & ((sub["method"] == against) | (against is None))]
         if others.empty or mine_rows.empty:
             continue
         mine = mine_rows.loc[mine_rows["acc"].idxmax()]
@@ -396,7 +398,7 @@ def _focus_notes(agg: pd.DataFrame, focus: str, target: float | None) -> list[st
                 ratios.append(f"no cost-to-target ratio: the target was reached by {mine['variant']} in "
                               f"{mine['reached']}/{mine['n']} seeds and by {base['variant']} in "
                               f"{base['reached']}/{base['n']}")
-        notes.append(f"{mine['variant']} vs the best-accuracy baseline {base['variant']} "
+        notes.append(f"{mine['variant']} vs {'the best-accuracy baseline ' if against is None else ''}{base['variant']} "
                      f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
     return notes
 
