@@ -164,6 +164,8 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
     r = max(s["rounds"], 1)
     c.add_row("bytes up (clients -> server)", _fmt_bytes(s["bytes_up"]), _fmt_bytes(s["bytes_up_per_round"]))
     c.add_row("bytes down (server -> clients)", _fmt_bytes(s["bytes_down"]), _fmt_bytes(s["bytes_down_per_round"]))
+    if s.get("bytes_once"):
+        c.add_row("  of which once (initial push, not per round)", _fmt_bytes(s["bytes_once"]), "–")
     c.add_row("client training TFLOP", f"{s['client_train_tflops']:.3f}", f"{s['client_train_tflops'] / r:.4f}")
     c.add_row("client evaluation TFLOP", f"{s['client_eval_tflops']:.3f}", f"{s['client_eval_tflops'] / r:.4f}")
     c.add_row("server TFLOP", f"{s['server_tflops']:.3f}", f"{s['server_tflops'] / r:.4f}")

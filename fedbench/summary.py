@@ -375,9 +375,11 @@ def summarize(rounds: pd.DataFrame, client_rounds: pd.DataFrame, round_metrics: 
                        "fair_min": _none(a["fair_min"])}
     up = int(client_rounds["bytes_up"].sum())
     down = int(client_rounds["bytes_down"].sum())
+    once = one_time_bytes(client_rounds)  # NaN: not recorded (an older store), then inside the per-round figure
     out.update(
-        bytes_up=up, bytes_down=down,
-        bytes_up_per_round=up / max(n_rounds, 1), bytes_down_per_round=down / max(n_rounds, 1),
+        bytes_up=up, bytes_down=down, bytes_once=_none(once),
+        bytes_up_per_round=up / max(n_rounds, 1),
+        bytes_down_per_round=(down - (once if np.isfinite(once) else 0)) / max(n_rounds, 1),
         client_train_tflops=2 * float(client_rounds["train_macs"].sum()) / 1e12,
         client_eval_tflops=2 * float(client_rounds["eval_macs"].sum()) / 1e12,
         server_tflops=2 * float(rounds["server_macs"].sum()) / 1e12,

@@ -64,6 +64,11 @@ def test_per_round_figures_leave_one_time_out_whatever_the_length(tmp_path):
         # the mean reaches 0.7 in round 2 ((0.8 + 0.6) / 2): rounds 1-2 of per-round traffic, 2 x 220
         assert r["rounds_to_target"] == 2 and r["bytes_to_target"] == 440
         assert r["down_to"] == "every client"
+    from fedbench.summary import stored_summary
+    for rid, n in (("short", 2), ("long", 6)):  # the run summary `fedbench run` prints
+        summ = stored_summary(store, rid)
+        assert summ["bytes_down_per_round"] == 200 and summ["bytes_once"] == 2000
+        assert summ["bytes_down"] == 2000 + 200 * n
     t = cost_table(df, 0.7)
     row = t.rows[0]
     assert [c.text for c in row[2:6]] == ["every client", "2.00 kB", "20 B", "200 B"]
