@@ -120,3 +120,23 @@ def test_cumulative_bytes_include_the_one_time_send(tmp_path, n):
     _, curves = run_frame(store, stat="last")
     c = curves["r"]
     assert c["cum_bytes"].tolist() == [2000 + 220 * t for t in range(1, n + 1)]
+
+
+def test_warm_up_rounds_are_one_time():
+    import pandas as pd
+
+    from fedbench.registry import get_method
+    from fedbench.report.frame import per_round_costs
+    # 4 rounds, 1 client: rounds 1-2 a warm-up (5 B up each, 1e12 MACs each), rounds 3-4 federated (30 B up,
+    # 40 B down, 3e12 MACs, server 1e12 MACs each)
+    cr = pd.DataFrame({"round": [1, 2, 3, 4], "client": 0, "bytes_up": [5, 5, 30, 30], "bytes_down": [0, 0, 40, 40],
+                       "bytes_down_once": [0, 0, 0, 0], "train_macs": [1e12, 1e12, 3e12, 3e12]})
+    rounds = pd.DataFrame({"round": [1, 2, 3, 4], "server_macs": [0, 0, 1e12, 1e12]})
+    got = per_round_costs(cr, rounds, 4, 2)
+    assert got["bytes_up_round"] == 30 and got["bytes_down_round"] == 40  # over rounds 3-4, not 1-4
+    assert got["client_tflop_round"] == 6 and got["server_tflop_round"] == 2  # 2 FLOP per MAC
+    assert got["warmup_tflop"] == 4 and got["warmup_rounds"] == 2 and got["bytes_once"] == 10
+    assert per_round_costs(cr, rounds, 4, 0)["bytes_up_round"] == 70 / 4
+    fedlease = get_method("fedlease")
+    assert fedlease.warmup_rounds(fedlease.Params(fedlease_warmup=3)) == 3
+    assert get_method("fedit").warmup_rounds(get_method("fedit").Params()) == 0

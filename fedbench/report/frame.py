@@ -15,7 +15,9 @@ per-round bytes (up + down, all clients), client training MACs and server MACs o
 One-time costs are kept apart from per-round ones: ``bytes_once`` is what the run sent once (the initial
 push to every client, ``client_rounds.bytes_down_once``; NaN for a store written before it was recorded,
 whose per-round figures then still include it), and ``bytes_down_round`` / ``bytes_to_target`` leave it
-out, so a per-round figure does not change with the run's length. ``down_to``: whether the server's
+out, so a per-round figure does not change with the run's length. A method's declared warm-up rounds
+(``Method.warmup_rounds``: local training before it federates, FedLEASE's) are one-time too: per-round
+figures are over the rounds after them, their computation is ``warmup_tflop``. ``down_to``: whether the server's
 per-round send goes to every client or to the round's participants.
 """
 
@@ -130,11 +132,8 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
             statistic=summ.statistic, weighting=summ.weighting,
             accuracy=numbers["accuracy"], selected_rounds=numbers["rounds"],
             global_accuracy=_global_statistic(glob, summ.statistic, numbers["rounds"]),
-            bytes_up_round=float(cr["bytes_up"].sum()) / n_rounds,
-            bytes_down_round=float(per_round_bytes(cr)["down"].sum()) / n_rounds,
-            bytes_once=one_time_bytes(cr), down_to=_down_to(cfg["method"]),
-            client_tflop_round=2 * float(cr["train_macs"].sum()) / 1e12 / n_rounds,
-            server_tflop_round=2 * float(rounds["server_macs"].sum()) / 1e12 / n_rounds,
+            **per_round_costs(cr, rounds, n_rounds, _warmup_rounds(cfg)),
+            down_to=_down_to(cfg["method"]),
             wall_s=float(rounds["wall_s"].sum()),
             **{k: numbers[k] for k in numbers if k not in ("accuracy", "rounds")},
             **cost_to_target(series, cr, rounds, target),
@@ -146,6 +145,36 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         row.update(language_numbers(metric_wide, store.client_metrics(r["run_id"])))
         rows.append(row)
     return pd.DataFrame(rows), curves
+
+
+def _warmup_rounds(cfg: dict) -> int:
+    """The method's declared warm-up rounds (``Method.warmup_rounds``) for this run's parameters; 0 where
+    the method or its parameters no longer load."""
+    from fedbench.config import config_from_dict, method_params_obj
+    try:
+        c = config_from_dict(cfg)
+        return int(c.method_class().warmup_rounds(method_params_obj(c)))
+    except ConfigError:
+        return 0
+
+
+def per_round_costs(cr: pd.DataFrame, rounds: pd.DataFrame, n_rounds: int, warmup: int) -> dict:
+    """Per-round bytes and TFLOP over the federated rounds (after the ``warmup`` rounds), the one-time
+    bytes (initial push and warm-up rounds' traffic; NaN where the store did not record the push) and the
+    warm-up's client + server TFLOP."""
+    warm = min(warmup, n_rounds - 1)
+    per = max(n_rounds - warm, 1)
+    b = per_round_bytes(cr)
+    fed, early = b[b.index > warm], b[b.index <= warm]
+    macs = cr.groupby("round")["train_macs"].sum()
+    server = rounds.set_index("round")["server_macs"] if len(rounds) else pd.Series(dtype=float)
+    once = one_time_bytes(cr)
+    return {"bytes_up_round": float(fed["up"].sum()) / per, "bytes_down_round": float(fed["down"].sum()) / per,
+            "bytes_once": once + float(early["up"].sum() + early["down"].sum()) if warm else once,
+            "warmup_rounds": warm,
+            "warmup_tflop": 2 * float(macs[macs.index <= warm].sum() + server[server.index <= warm].sum()) / 1e12,
+            "client_tflop_round": 2 * float(macs[macs.index > warm].sum()) / 1e12 / per,
+            "server_tflop_round": 2 * float(server[server.index > warm].sum()) / 1e12 / per}
 
 
 def _down_to(method: str) -> str:

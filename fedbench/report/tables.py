@@ -358,6 +358,12 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None,
                 row += [Cell(f"{r['rtt']:.1f}{seeds}"), Cell(_fmt_bytes(r["bytes_tt"]) + seeds),
                         num(r["tflop_tt"], lambda x: f"{x:.3f}"), num(r["server_tt"], lambda x: f"{x:.3f}")]
         t.rows.append(row)
+    if "warmup_rounds" in df:
+        for (s, v), sub in df.groupby(["setting", "variant"], sort=False):
+            if sub["warmup_rounds"].max() > 0:
+                t.notes.append(f"{v} in {s}: {int(sub['warmup_rounds'].max())} warm-up rounds of local training "
+                               f"before it federates, {sub['warmup_tflop'].mean():.3f} TFLOP (client + server), "
+                               f"one-time: left out of the per-round figures, which are over the rounds after them.")
     if target is not None and "never_at_target" in df:
         for (s, v), sub in df.groupby(["setting", "variant"], sort=False):
             never = sub["never_at_target"].dropna()
