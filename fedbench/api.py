@@ -618,7 +618,7 @@ class Results:
 
     def report(self, out: str | Path, *, statistic: str = "protocol", population: str = "protocol",
                weighting: str = "protocol", target: float | None = None, focus: str | None = "fedlora",
-               command: str | None = None, **filters: Any) -> Report:
+               command: str | None = None, test: str = "paired", **filters: Any) -> Report:
         """Write the report of the matching complete runs to ``out``, as ``fedbench report`` does:
         tables (Markdown, HTML, LaTeX, CSV), plots, ``report.md``, ``report.html`` and ``runs.csv``.
 
@@ -630,15 +630,19 @@ class Results:
             target: target accuracy for rounds-to-target costs, a fraction in (0, 1].
             focus: method whose cost ratios against the best-accuracy baseline are stated.
             command: the command the report says made it (default: this process's command line).
+            test: significance test against the best method: ``paired`` (t-test on per-seed differences;
+                runs of a seed must share the partition) or ``welch`` (unpaired); Holm-corrected per column.
             **filters: which runs (see :class:`Results`).
         """
         from fedbench.report.build import build_report
+        from fedbench.report.stats import check_test
         _check_summary_options(statistic, population, weighting, filters.get("protocol"), target)
+        check_test(test)
         ids = self._ids(filters)
         out = Path(out)
         with self._store() as store:
             info = build_report(store, out, statistic, weighting, target, filters.get("sweep"), None, focus,
-                                command=command, population=population, run_ids=ids)
+                                command=command, population=population, run_ids=ids, test=test)
         return Report(out, info["runs"], info["tables"], [Path(f) for f in info["files"]])
 
 

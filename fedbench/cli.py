@@ -265,6 +265,8 @@ def print_summary(s: dict, cfg, label: str, run_id: str, results: Path) -> None:
     r = max(s["rounds"], 1)
     c.add_row("bytes up (clients -> server)", _fmt_bytes(s["bytes_up"]), _fmt_bytes(s["bytes_up_per_round"]))
     c.add_row("bytes down (server -> clients)", _fmt_bytes(s["bytes_down"]), _fmt_bytes(s["bytes_down_per_round"]))
+    if s.get("bytes_once"):
+        c.add_row("  of which once (initial push, not per round)", _fmt_bytes(s["bytes_once"]), "–")
     c.add_row("client training TFLOP", f"{s['client_train_tflops']:.3f}", f"{s['client_train_tflops'] / r:.4f}")
     c.add_row("client evaluation TFLOP", f"{s['client_eval_tflops']:.3f}", f"{s['client_eval_tflops'] / r:.4f}")
     c.add_row("server TFLOP", f"{s['server_tflops']:.3f}", f"{s['server_tflops'] / r:.4f}")
@@ -579,13 +581,16 @@ def report_cmd(
                                            "pfllib or round-end"),
     target: Optional[float] = typer.Option(None, "--target", help="target accuracy for rounds-to-target costs, e.g. 0.9"),
     focus: str = typer.Option("fedlora", "--focus", help="method whose cost ratios against the best-accuracy baseline are stated"),
+    test: str = typer.Option("paired", "--test", help="significance test against the best method: paired (t-test "
+                             "on per-seed differences, runs of a seed must share the partition) or welch (unpaired, "
+                             "for runs that do not share splits); Holm-corrected per table column"),
 ):
     """Tables (Markdown, HTML, LaTeX, CSV) and plots from a results store."""
     from fedbench import api
 
     rep = api.report(results, out_dir, statistic=statistic, population=population, weighting=weighting,
                      target=target, focus=focus, command=_invocation(), sweep=sweep, dataset=dataset,
-                     protocol=protocol)
+                     protocol=protocol, test=test)
     print(rep.tables["fairness"].to_markdown())
     out.print(f"report of {rep.runs} runs written to {out_dir}/ (report.md, report.html, "
               f"accuracy/fairness/costs .md .html .tex .csv, {len(rep.figures)} plots)")

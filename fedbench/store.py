@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS client_rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, client INTEGER NOT NULL, selected INTEGER,
     bytes_up INTEGER, bytes_down INTEGER, train_macs INTEGER, eval_macs INTEGER, train_samples INTEGER,
     correct INTEGER, total INTEGER,
+    bytes_down_once INTEGER,        -- the part of bytes_down sent once per run (NULL: stored before it was recorded)
     PRIMARY KEY (run_id, round, client)
 );
 CREATE TABLE IF NOT EXISTS round_metrics (      -- named metrics of a round (server, global model)
@@ -75,6 +76,11 @@ CREATE TABLE IF NOT EXISTS claim_log (
     run_id TEXT NOT NULL, owner TEXT NOT NULL, event TEXT NOT NULL, detail TEXT, at REAL NOT NULL
 );
 """
+# columns added after stores were first written: (table, column, SQL type); opening an older store adds them,
+# NULL in its existing rows (not recorded then), so old stores keep opening and their run ids never change
+LATE_COLUMNS = (("client_rounds", "bytes_down_once", "INTEGER"),)
+CLIENT_ROUND_COLUMNS = ("run_id", "round", "client", "selected", "bytes_up", "bytes_down", "train_macs", "eval_macs",
+                        "train_samples", "correct", "total", "bytes_down_once")
 RUN_TABLES = ("runs", "clients", "rounds", "client_rounds", "round_metrics", "client_metrics")
 
 LEASE_S = 60.0      # a claim whose owner has not heartbeaten for this long may be taken over
@@ -158,8 +164,17 @@ class Store:
         self.db = _connect(self.path)
         try:
             self.db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"--results {self.path} is not a usable fedbench store: {e}") from None
+
+    def _migrate(self) -> None:
+        """Add the :data:`LATE_COLUMNS` an older store lacks (NULL in its rows)."""
+        for table, column, kind in LATE_COLUMNS:
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                with contextlib.suppress(sqlite3.OperationalError):  # a concurrent opener added it first
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -292,9 +307,11 @@ class Store:
                             (run_id, r.round, r.wall_s, r.train_s, r.eval_s, r.server_macs, int(r.evaluated),
                              acc_mean, acc_w))
             self.db.executemany(
-                "INSERT INTO client_rounds VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO client_rounds ({', '.join(CLIENT_ROUND_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(CLIENT_ROUND_COLUMNS))})",
                 [(run_id, r.round, x.client, int(x.selected), x.bytes_up, x.bytes_down, x.train_macs,
-                  x.eval_macs, x.train_samples, x.correct, x.total) for x in r.rows])
+                  x.eval_macs, x.train_samples, x.correct, x.total, getattr(x, "bytes_down_once", 0))
+                 for x in r.rows])
             self.db.executemany("INSERT INTO round_metrics VALUES (?,?,?,?)",
                                 [(run_id, r.round, k, v) for k, v in sorted(getattr(r, "metrics", {}).items())])
             self.db.executemany("INSERT INTO client_metrics VALUES (?,?,?,?,?)",

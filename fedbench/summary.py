@@ -234,12 +234,29 @@ def fairness(states: pd.DataFrame, weighting: str, rounds: list[int]) -> dict:
     return {"fair_std": float(m[0]), "fair_worst10": float(m[1]), "fair_min": float(m[2])}
 
 
+def one_time_bytes(client_rounds: pd.DataFrame) -> float:
+    """Bytes the run sent once (``bytes_down_once``: the initial push to every client); NaN where the store
+    predates the column (its rows NULL: not recorded, so still inside the per-round bytes)."""
+    if "bytes_down_once" not in client_rounds or client_rounds["bytes_down_once"].isna().all():
+        return math.nan
+    return float(client_rounds["bytes_down_once"].sum())
+
+
+def per_round_bytes(client_rounds: pd.DataFrame) -> pd.DataFrame:
+    """Per round: bytes up, bytes down less the one-time sends (where recorded), the one-time bytes."""
+    cr = client_rounds.assign(once=client_rounds["bytes_down_once"].fillna(0)
+                              if "bytes_down_once" in client_rounds else 0)
+    g = cr.groupby("round")
+    return pd.DataFrame({"up": g["bytes_up"].sum(), "down": g["bytes_down"].sum() - g["once"].sum(),
+                         "once": g["once"].sum()})
+
+
 def cost_to_target(series: pd.DataFrame, client_rounds: pd.DataFrame, rounds: pd.DataFrame,
                    target: float | None) -> dict:
     """Rounds to the target (the first evaluation round whose accuracy in ``series`` reaches it) and the
-    cumulative bytes (up + down, all clients), client training and server TFLOP of rounds 1..that round,
-    and how many clients had not been evaluated yet at that round. None everywhere where the target is not
-    reached."""
+    cumulative per-round bytes (up + down, all clients; one-time sends left out where recorded, see
+    :func:`one_time_bytes`), client training and server TFLOP of rounds 1..that round, and how many
+    clients had not been evaluated yet at that round. None everywhere where the target is not reached."""
     out = {"rounds_to_target": None, "bytes_to_target": None, "client_tflop_to_target": None,
            "server_tflop_to_target": None, "never_at_target": None}
     if target is None or series.empty:
@@ -250,8 +267,9 @@ def cost_to_target(series: pd.DataFrame, client_rounds: pd.DataFrame, rounds: pd
     r = int(reached[0])
     out["never_at_target"] = int(series.loc[r, "never"])  # yi: clients not yet evaluated at that round
     upto = client_rounds[client_rounds["round"] <= r]
+    b = per_round_bytes(upto)
     out.update(rounds_to_target=r,
-               bytes_to_target=float(upto["bytes_up"].sum() + upto["bytes_down"].sum()),
+               bytes_to_target=float(b["up"].sum() + b["down"].sum()),
                client_tflop_to_target=2 * float(upto["train_macs"].sum()) / 1e12,
                server_tflop_to_target=2 * float(rounds.loc[rounds["round"] <= r, "server_macs"].sum()) / 1e12)
     return out
@@ -357,9 +375,11 @@ def summarize(rounds: pd.DataFrame, client_rounds: pd.DataFrame, round_metrics: 
                        "fair_min": _none(a["fair_min"])}
     up = int(client_rounds["bytes_up"].sum())
     down = int(client_rounds["bytes_down"].sum())
+    once = one_time_bytes(client_rounds)  # NaN: not recorded (an older store), then inside the per-round figure
     out.update(
-        bytes_up=up, bytes_down=down,
-        bytes_up_per_round=up / max(n_rounds, 1), bytes_down_per_round=down / max(n_rounds, 1),
+        bytes_up=up, bytes_down=down, bytes_once=_none(once),
+        bytes_up_per_round=up / max(n_rounds, 1),
+        bytes_down_per_round=(down - (once if np.isfinite(once) else 0)) / max(n_rounds, 1),
         client_train_tflops=2 * float(client_rounds["train_macs"].sum()) / 1e12,
         client_eval_tflops=2 * float(client_rounds["eval_macs"].sum()) / 1e12,
         server_tflops=2 * float(rounds["server_macs"].sum()) / 1e12,

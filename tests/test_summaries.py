@@ -202,10 +202,10 @@ def test_cost_ratio_against_the_best_baseline_uses_cumulative_costs(tmp_path):
     note = t.notes[0]
     assert "best-accuracy baseline standalone" in note
     base_bytes, mine_bytes = 2 * 1100 + 200, 2 * 550 + 200
-    assert f"communication to target {base_bytes / mine_bytes:.2f}× lower" in note
+    assert f"communication to target (per-round sends) {base_bytes / mine_bytes:.2f}× lower" in note
     assert "computation to target (client + server) 2.00× lower" in note
     fml = [row for row in t.rows if row[0].text == "fml"][0]
-    assert fml[6].text == "not reached (1 seeds)" and fml[7].text == "not reached"
+    assert fml[8].text == "not reached (1 seeds)" and fml[9].text == "not reached"
 
 
 def test_no_cost_ratio_when_a_side_did_not_reach_the_target_in_every_seed(tmp_path):
@@ -217,7 +217,7 @@ def test_no_cost_ratio_when_a_side_did_not_reach_the_target_in_every_seed(tmp_pa
     t = cost_table(frame(store, weighting="unweighted", target=0.7), 0.7, "fedlora")
     assert "no cost-to-target ratio" in t.notes[0] and "standalone in 1/2" in t.notes[0]
     base = [row for row in t.rows if row[0].text == "standalone"][0]
-    assert "(1/2 seeds)" in base[6].text
+    assert "(1/2 seeds)" in base[8].text
 
 
 # --------------------------------------------------------------------------- val-selected round

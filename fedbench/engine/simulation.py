@@ -7,7 +7,9 @@ Per round t:
      ``client_batching`` (auto | on | off) a method offering ``client_update_many`` trains all
      participants in one batched pass instead, the rows the same per client;
   3. the server turns uploads into the next global state (``server_update``, server FLOPs); a method
-     with ``push = "all"`` has it delivered to every client right away (bytes down for all);
+     with ``push = "all"`` has it delivered to every client right away (bytes down for all), and such a
+     method's initial state (``server_init``) goes to every client once before round 1's training (bytes
+     down, and ``bytes_down_once``: a one-time cost, not a per-round one);
   4. every ``eval_every`` rounds (and at the last) clients are evaluated on their test split (and
      validation split, ``--eval-val``) at the moment the run's evaluation protocol names (``--eval-protocol``:
      ``yi`` the participants right after their local training; ``pfllib`` every client after the round,
@@ -55,6 +57,7 @@ class ClientRow:
     selected: bool
     bytes_up: int = 0
     bytes_down: int = 0
+    bytes_down_once: int = 0  # the part of bytes_down sent once per run (round 1's initial push), not per round
     train_macs: int = 0
     eval_macs: int = 0
     train_samples: int = 0
@@ -242,9 +245,15 @@ class Simulation:
     def evaluate(self, client: Client) -> tuple[int | None, int]:
         return self.evaluator.client(self.method, client)
 
-    def _download(self, client: Client, rows: dict) -> object:
+    def _download(self, client: Client, rows: dict, once: bool = False) -> object:
+        """``client``'s download of the current broadcast, its bytes counted; ``once``: a send the run makes
+        a single time (the initial state pushed to every client before round 1's training), recorded in
+        ``bytes_down_once`` as well, so a report can tell it from the per-round traffic."""
         payload = self.method.download(self.server, client, self.broadcast)
-        rows[client.id].bytes_down += payload_bytes(payload)
+        n = payload_bytes(payload)
+        rows[client.id].bytes_down += n
+        if once:
+            rows[client.id].bytes_down_once += n
         return payload
 
     def run_round(self, t: int) -> RoundResult:
@@ -261,8 +270,8 @@ class Simulation:
         self._sync()
         t0 = time.perf_counter()
         if t == 1 and method.push == "all" and self.broadcast is not None:
-            for c in self.clients:
-                method.receive(c, self._download(c, rows))
+            for c in self.clients:  # the initial state, once (e.g. FedKD's dense mentee, LG-FedAvg's head)
+                method.receive(c, self._download(c, rows, once=True))
         selected = self.sample(t)
         uploads = []
         w = self.agg_n[selected] / self.agg_n[selected].sum()

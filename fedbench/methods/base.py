@@ -165,6 +165,12 @@ class Method(abc.ABC):
         return cls.name
 
     @classmethod
+    def warmup_rounds(cls, params) -> int:
+        """Rounds 1..W of the run that are a one-time warm-up (local training before the method federates):
+        the report counts their computation and bytes as one-time costs, not per-round ones. Default 0."""
+        return 0
+
+    @classmethod
     def backbone_request(cls, params) -> dict | None:
         """What shared backbone the run needs ({"name", "init", "model_path"}), or None (MHPFL methods)."""
         return None

@@ -15,6 +15,7 @@ from fedbench.report import plots
 from fedbench.report.frame import add_names, run_frame
 from fedbench.report.tables import (
     accuracy_table,
+    comparison_table,
     cost_table,
     error_table,
     fairness_table,
@@ -55,18 +56,26 @@ FIGURE_CAPTIONS = {
 }
 
 
+def _comparison_tables(df, test: str) -> list:
+    """The per-method test details behind the accuracy tables' marks (personalised, and global where any)."""
+    return [comparison_table(df, test=test),
+            comparison_table(df, column="global_accuracy", test=test, name="global_comparisons")
+            if "global_accuracy" in df and df["global_accuracy"].notna().any() else None]
+
+
 def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL,
                  target: float | None = None, sweep: str | None = None, dataset: str | None = None,
                  focus: str | None = "fedlora", command: str | None = None, population: str = BY_PROTOCOL,
-                 protocol: str | None = None, run_ids: Collection[str] | None = None) -> dict:
+                 protocol: str | None = None, run_ids: Collection[str] | None = None,
+                 test: str = "paired") -> dict:
     """Every table is made before anything is written: a summary that does not apply raises ConfigError
     with ``out`` untouched. ``run_ids``: only these runs (with the other filters)."""
     df, curves = run_frame(store, stat, weighting, target, sweep, dataset, population, protocol, run_ids)
     if df.empty:
         raise no_runs_error(store.path, {"sweep": sweep, "dataset": dataset, "protocol": protocol})
     df = add_names(df)
-    tables = [accuracy_table(df), global_accuracy_table(df), fairness_table(df), cost_table(df, target, focus),
-              error_table(df), language_table(df)]
+    tables = [accuracy_table(df, test=test), global_accuracy_table(df, test=test), *_comparison_tables(df, test),
+              fairness_table(df), cost_table(df, target, focus), error_table(df), language_table(df)]
     tables = [t for t in tables if t is not None]
     legend = summary_legend(df)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +86,7 @@ def build_report(store, out: Path, stat: str = BY_PROTOCOL, weighting: str = BY_
             p.write_text(_with_legend(getattr(t, fn)(), ext, legend))
             written.append(p)
     pngs = (plots.accuracy_curves(df, curves, out) + plots.accuracy_vs_cost(df, out)
+            + plots.accuracy_vs_cumulative(df, curves, out)
             + plots.rank_mu_heatmaps(df, out) + plots.accuracy_vs_clients(df, out)
             + plots.global_accuracy_curves(df, curves, out) + plots.metric_curves(df, out))
     df.drop(columns=["metric_curves"]).to_csv(out / "runs.csv", index=False)

@@ -5,9 +5,20 @@ The summary of each run (protocol, population, statistic, weighting) is resolved
 The protocol of the runs (``eval_protocol``) is a setting column whenever the runs differ in it, so runs of
 different protocols are never averaged together.
 
+``split_digest``: the store's digest of the partition the run used (runs of one seed share it; the paired
+tests of :mod:`fedbench.report.stats` refuse to pair runs whose digests differ).
+
 Rounds to target (spec A.6): the first evaluation round whose accuracy, in the same series the accuracy
 table summarises (population and weighting), reaches the target. Cost to target: the cumulative stored
-bytes (up + down, all clients), client training MACs and server MACs of rounds 1..that round.
+per-round bytes (up + down, all clients), client training MACs and server MACs of rounds 1..that round.
+
+One-time costs are kept apart from per-round ones: ``bytes_once`` is what the run sent once (the initial
+push to every client, ``client_rounds.bytes_down_once``; NaN for a store written before it was recorded,
+whose per-round figures then still include it), and ``bytes_down_round`` / ``bytes_to_target`` leave it
+out, so a per-round figure does not change with the run's length. A method's declared warm-up rounds
+(``Method.warmup_rounds``: local training before it federates, FedLEASE's) are one-time too: per-round
+figures are over the rounds after them, their computation is ``warmup_tflop``. ``down_to``: whether the server's
+per-round send goes to every client or to the round's participants.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from fedbench.summary import (
     accuracy_series,
     cost_to_target,
     global_accuracy_series,
+    one_time_bytes,
+    per_round_bytes,
     resolve,
     run_protocol,
     summarize_accuracy,
@@ -116,6 +129,7 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         metric_wide = rm.pivot(index="round", columns="name", values="value") if not rm.empty else pd.DataFrame()
         curve = curve.merge(glob.rename("global_accuracy").reset_index(), on="round", how="left") \
             if len(glob) else curve.assign(global_accuracy=np.nan)
+        curve = curve.merge(cumulative_costs(cr, rounds), on="round", how="left")
         curves[r["run_id"]] = curve
         metric_curves = {m: metric_wide[m].dropna() for m in REPORT_METRICS if m in metric_wide}
         n_rounds = max(int(rounds["round"].max()), 1) if len(rounds) else 1
@@ -125,14 +139,14 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         row.update({f"hp_{k}": v for k, v in {**_late_method_defaults(cfg["method"]), **cfg["method_params"]}.items()})
         row[PROTOCOL_KEY] = proto
         row.update(
-            run_id=r["run_id"], label=r["label"], command=_reproduce(cfg, r["command"]), invocation=r["command"],
+            run_id=r["run_id"], split_digest=r.get("partition_digest") or None, label=r["label"],
+            command=_reproduce(cfg, r["command"]), invocation=r["command"],
             sweep=r["sweep"], summary=summ.short(), summary_text=summ.describe(), population=summ.population,
             statistic=summ.statistic, weighting=summ.weighting,
             accuracy=numbers["accuracy"], selected_rounds=numbers["rounds"],
             global_accuracy=_global_statistic(glob, summ.statistic, numbers["rounds"]),
-            bytes_up_round=float(cr["bytes_up"].sum()) / n_rounds, bytes_down_round=float(cr["bytes_down"].sum()) / n_rounds,
-            client_tflop_round=2 * float(cr["train_macs"].sum()) / 1e12 / n_rounds,
-            server_tflop_round=2 * float(rounds["server_macs"].sum()) / 1e12 / n_rounds,
+            **per_round_costs(cr, rounds, n_rounds, _warmup_rounds(cfg)),
+            down_to=_down_to(cfg["method"]),
             wall_s=float(rounds["wall_s"].sum()),
             **{k: numbers[k] for k in numbers if k not in ("accuracy", "rounds")},
             **cost_to_target(series, cr, rounds, target),
@@ -144,6 +158,58 @@ def run_frame(store, stat: str = BY_PROTOCOL, weighting: str = BY_PROTOCOL, targ
         row.update(language_numbers(metric_wide, store.client_metrics(r["run_id"])))
         rows.append(row)
     return pd.DataFrame(rows), curves
+
+
+def _warmup_rounds(cfg: dict) -> int:
+    """The method's declared warm-up rounds (``Method.warmup_rounds``) for this run's parameters; 0 where
+    the method or its parameters no longer load."""
+    from fedbench.config import config_from_dict, method_params_obj
+    try:
+        c = config_from_dict(cfg)
+        return int(c.method_class().warmup_rounds(method_params_obj(c)))
+    except ConfigError:
+        return 0
+
+
+def per_round_costs(cr: pd.DataFrame, rounds: pd.DataFrame, n_rounds: int, warmup: int) -> dict:
+    """Per-round bytes and TFLOP over the federated rounds (after the ``warmup`` rounds), the one-time
+    bytes (initial push and warm-up rounds' traffic; NaN where the store did not record the push) and the
+    warm-up's client + server TFLOP."""
+    warm = min(warmup, n_rounds - 1)
+    per = max(n_rounds - warm, 1)
+    b = per_round_bytes(cr)
+    fed, early = b[b.index > warm], b[b.index <= warm]
+    macs = cr.groupby("round")["train_macs"].sum()
+    server = rounds.set_index("round")["server_macs"] if len(rounds) else pd.Series(dtype=float)
+    once = one_time_bytes(cr)
+    return {"bytes_up_round": float(fed["up"].sum()) / per, "bytes_down_round": float(fed["down"].sum()) / per,
+            "bytes_once": once + float(early["up"].sum() + early["down"].sum()) if warm else once,
+            "warmup_rounds": warm,
+            "warmup_tflop": 2 * float(macs[macs.index <= warm].sum() + server[server.index <= warm].sum()) / 1e12,
+            "client_tflop_round": 2 * float(macs[macs.index > warm].sum()) / 1e12 / per,
+            "server_tflop_round": 2 * float(server[server.index > warm].sum()) / 1e12 / per}
+
+
+def _down_to(method: str) -> str:
+    """Whom the method's server sends to each round: every client (``push = "all"``) or the participants."""
+    from fedbench.registry import get_method
+    try:
+        push = get_method(method).push
+    except (KeyError, ConfigError):
+        return "?"
+    return "every client" if push == "all" else "participants"
+
+
+def cumulative_costs(client_rounds: pd.DataFrame, rounds: pd.DataFrame) -> pd.DataFrame:
+    """Per round: cumulative bytes (up + down, all clients, the one-time sends included: they are paid before
+    round 1) and cumulative client + server TFLOP, for plots of accuracy against what was spent."""
+    if client_rounds.empty:
+        return pd.DataFrame(columns=["round", "cum_bytes", "cum_tflop"])
+    b = per_round_bytes(client_rounds)
+    macs = client_rounds.groupby("round")["train_macs"].sum()
+    server = rounds.set_index("round")["server_macs"].reindex(macs.index).fillna(0)
+    return pd.DataFrame({"round": b.index, "cum_bytes": (b["up"] + b["down"] + b["once"]).cumsum().to_numpy(float),
+                         "cum_tflop": (2 * (macs + server) / 1e12).cumsum().to_numpy(float)})
 
 
 def language_numbers(metric_wide: pd.DataFrame, client_metrics: pd.DataFrame) -> dict:

@@ -168,15 +168,70 @@ def accuracy_vs_cost(df: pd.DataFrame, out: Path) -> list[Path]:
         for ax, s in zip(axes, settings, strict=True):
             sub = agg[agg["setting"] == s].copy()
             x = sub[col].to_numpy(float)
-            xplot = np.where(x > 0, x, np.nan)
-            sub["x"] = xplot
+            sub["x"] = x  # zero-byte methods stay on the plot (a symmetric-log axis, 0 at the left)
             sns.scatterplot(data=sub, x="x", y="accuracy", hue="variant", palette=palette, ax=ax, s=60)
-            mask = pareto_mask(np.nan_to_num(x, nan=0.0), sub["accuracy"].to_numpy(float)) & (x > 0)
+            mask = pareto_mask(np.nan_to_num(x, nan=0.0), sub["accuracy"].to_numpy(float))
             front = sub[mask].sort_values("x")
             ax.plot(front["x"], front["accuracy"], "k--", lw=1, label="Pareto front")
-            if (x > 0).any():
-                ax.set_xscale("log")
-            ax.set_xlabel(label + " (zero-cost methods not shown)" if (x == 0).any() else label)
+            ax.set_xlabel(label + _zero_axis(ax, x))
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(s)
+        _shared_legend(fig, axes)
+        paths.append(_save(fig, out / fname))
+    return paths
+
+
+def _zero_axis(ax, x: np.ndarray) -> str:
+    """A log x axis that still shows zero-cost points: symmetric log (linear below the smallest positive
+    value, 0 at the left edge) where any x is 0, plain log otherwise; the label's note."""
+    pos = x[np.isfinite(x) & (x > 0)]
+    if not pos.size:
+        return ""
+    if (x == 0).any():
+        ax.set_xscale("symlog", linthresh=float(pos.min()))
+        ax.set_xlim(left=-0.5 * float(pos.min()))  # the zero-cost points inside the frame, not on its edge
+        return " (symlog; 0: none)"
+    ax.set_xscale("log")
+    return ""
+
+
+@_styled
+def accuracy_vs_cumulative(df: pd.DataFrame, curves: dict, out: Path) -> list[Path]:
+    """Accuracy (the series the accuracy table summarises) against the cumulative bytes and the cumulative
+    client + server TFLOP spent up to each evaluated round, mean over seeds per round. A run's one-time
+    sends are paid before round 1: an open circle at (one-time bytes, first accuracy) joined to the curve
+    by a dotted line shows them; zero-byte methods sit at 0."""
+    rows = []
+    for _, r in df.iterrows():
+        c = curves[r["run_id"]]
+        if "cum_bytes" not in c:
+            continue
+        c = c.dropna(subset=["accuracy"]).assign(variant=r["variant"], setting=r["setting"],
+                                                 once=r.get("bytes_once", np.nan))
+        rows.append(c)
+    if not rows:
+        return []
+    long = pd.concat(rows, ignore_index=True)
+    long["accuracy"] *= 100
+    mean = long.groupby(["setting", "variant", "round"], sort=False)[["accuracy", "cum_bytes", "cum_tflop", "once"]] \
+        .mean().reset_index()
+    settings = list(dict.fromkeys(mean["setting"]))
+    palette = _palette(mean["variant"])
+    paths = []
+    for col, label, fname in (("cum_bytes", "cumulative bytes, up + down", "accuracy_vs_cumulative_bytes.png"),
+                              ("cum_tflop", "cumulative TFLOP, clients + server", "accuracy_vs_cumulative_flops.png")):
+        fig, axes = _grid(len(settings))
+        for ax, s in zip(axes, settings, strict=True):
+            sub = mean[mean["setting"] == s]
+            for v, g in sub.groupby("variant", sort=False):
+                color = palette[v]
+                ax.plot(g[col], g["accuracy"], "-", marker=".", color=color, label=v)
+                once = g["once"].iloc[0]
+                if col == "cum_bytes" and np.isfinite(once) and once > 0:
+                    ax.plot([once, g[col].iloc[0]], [g["accuracy"].iloc[0]] * 2, ":", color=color)
+                    ax.plot([once], [g["accuracy"].iloc[0]], "o", mfc="none", color=color)
+            note = _zero_axis(ax, sub[col].to_numpy(float))
+            ax.set_xlabel(label + note + ("; ○: one-time sends" if col == "cum_bytes" else ""))
             ax.set_ylabel("accuracy (%)")
             ax.set_title(s)
         _shared_legend(fig, axes)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from fedbench.errors import ConfigError
+from fedbench.report.stats import WILCOXON_MIN_N, compare_to_best, describe_test
 from fedbench.summary import STAT_NAMES
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
@@ -140,24 +140,48 @@ def _incomplete(sub: pd.DataFrame) -> bool:
     return bool((sub["defined_min"] < sub["population_max"]).any() or (sub["never_max"] > 0).any())
 
 
-def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05) -> Table | None:
+def global_accuracy_table(df: pd.DataFrame, alpha: float = 0.05, test: str = "paired") -> Table | None:
     """The global model (methods that have one) on the union of the clients' test splits."""
     if "global_accuracy" not in df or df["global_accuracy"].notna().sum() == 0:
         return None
-    t = accuracy_table(df, alpha, column="global_accuracy")
+    t = accuracy_table(df, alpha, column="global_accuracy", test=test)
+    marks = t.caption[t.caption.index("†"):t.caption.index("; –")]
     t.name = "global_accuracy"
     stats_ = df.groupby("setting", sort=False)["statistic"].first()
     stat_text = (STAT_NAMES[stats_.iloc[0]] if stats_.nunique() == 1
                  else " | ".join(f"{s}: {STAT_NAMES[v]}" for s, v in stats_.items()))
     t.caption = (f"Global-model accuracy (%) on the union of all clients' test splits (one pooled accuracy, "
                  f"sample-weighted by construction; population and weighting do not apply), statistic: {stat_text} "
-                 f"(val: at the round the clients' validation accuracy selects); mean ± std over seeds (n), or the one "
-                 f"seed's value (n = 1); – : the method has no global model (personalised or local-only). Bold: best "
-                 f"per setting of two or more methods; †: not "
-                 f"significantly different from the best (Welch's t-test, p ≥ {alpha}).")
+                 f"(val: at the round the clients' validation accuracy selects); evaluation protocol: the server's model after "
+                 f"the round's aggregation; mean ± std over seeds (n), or the one seed's value (n = 1); – (why): no global "
+                 f"accuracy. Bold: best per setting of two or more methods; {marks}.")
     t.rows[0] = [Cell("statistic")] + [Cell(stats_.get(h, "")) for h in t.header[1:]]
+    for row in t.rows[1:]:
+        for s, c in zip(t.header[1:], row[1:], strict=True):
+            if c.text == "–":
+                c.text = "– (" + _no_global_reason(df[(df["variant"] == row[0].text) & (df["setting"] == s)]) + ")"
     t.notes = [n for n in t.notes if not n.startswith("Defined predictions")]
     return t
+
+
+def _no_global_reason(runs: pd.DataFrame) -> str:
+    """Why a variant's cell of the global table is empty: not run there, or its method has no global model
+    (declared by the federated-LoRA method's ``evaluations`` where the method declares them, else its
+    ``personalised`` flag, ``--head local``, or a method that never overrides ``global_predict``), or no
+    global-accuracy rows were stored."""
+    from fedbench.methods.base import Method
+    from fedbench.registry import methods
+    if runs.empty:
+        return "not run"
+    cls = methods().get(runs["method"].iloc[0])
+    kinds = getattr(cls, "evaluations", None)
+    if getattr(cls, "personalised", False) or (kinds is not None and "global" not in kinds):
+        return "personalised method: no global model"
+    if "hp_head" in runs and (runs["hp_head"] == "local").all():
+        return "--head local: no global head"
+    if isinstance(cls, type) and cls.global_predict is Method.global_predict:
+        return "no global model"
+    return "no global accuracy stored"
 
 
 def error_table(df: pd.DataFrame) -> Table | None:
@@ -194,24 +218,24 @@ def global_scored(df: pd.DataFrame) -> set[str]:
     return out
 
 
-def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy") -> Table:
-    """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best.
+def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy", test: str = "paired") -> Table:
+    """Variants x settings: mean ± std over seeds, best in bold, † = not significantly worse than best
+    (:mod:`fedbench.report.stats`: ``paired`` t-test by seed or ``welch``, Holm-corrected per column).
     The first row names each column's summary (a CSV has no caption)."""
     settings = list(dict.fromkeys(df["setting"]))
     variants = list(dict.fromkeys(df.sort_values(["method", "variant"])["variant"]))
-    t = Table("accuracy",
-              f"Mean local test accuracy (%). {summary_caption(df)} Mean ± std over seeds (n), or the one seed's "
-              f"value (n = 1). Bold: best per setting of two or more methods; †: not significantly different from the best (Welch's t-test, p ≥ {alpha}); –: no defined "
-              f"accuracy.",
-              ["method"] + settings)
+    t = Table("accuracy", "", ["method"] + settings)
     t.rows.append(_summary_row(df, settings))
-    cells = {}
+    cells, ns = {}, set()
     for s in settings:
         sub = df[df["setting"] == s]
-        groups = {v: sub[sub["variant"] == v][column] * 100 for v in variants}
-        aggs = {v: _seeds_agg(g) for v, g in groups.items()}
+        groups = {v: sub[sub["variant"] == v] for v in variants}
+        aggs = {v: _seeds_agg(g[column] * 100) for v, g in groups.items()}
         valid = {v: a for v, a in aggs.items() if a[2] > 0}
         best = max(valid, key=lambda v: valid[v][0]) if valid else None
+        marks = compare_to_best({v: g for v, g in groups.items() if v in valid}, best, column, test,
+                                f"setting {s!r}") if best is not None else {}
+        ns |= {c.n for c in marks.values()}
         for v in variants:
             m, sd, n = aggs[v]
             if n == 0:
@@ -220,15 +244,13 @@ def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accurac
             # a single seed has no spread to show; a lone method in a column is no "best"
             c = Cell(f"{m:.2f} ± {sd:.2f} ({n})" if n > 1 else f"{m:.2f} (n = 1)", m,
                      bold=(v == best and len(valid) > 1))
-            if v != best and best is not None and n > 1 and aggs[best][2] > 1:
-                a, b = groups[best].dropna().to_numpy(float), groups[v].dropna().to_numpy(float)
-                if np.std(a) + np.std(b) == 0:
-                    p = 1.0 if np.mean(a) == np.mean(b) else 0.0
-                else:
-                    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-                c.mark = p >= alpha
+            if v in marks:
+                c.mark = marks[v].p_holm >= alpha
             cells[(v, s)] = c
     by_global = global_scored(df) if column == "accuracy" else set()  # a client score that is the global model
+    t.caption = (f"Personalised accuracy (%): each client scored on its own test split with the model it holds. "
+                 f"{summary_caption(df)} Mean ± std over seeds (n), or the one seed's value (n = 1). Bold: best per "
+                 f"setting of two or more methods; {describe_test(test, alpha, ns)}; –: no defined accuracy.")
     for v in variants:
         t.rows.append([Cell(v + (" (global model)" if v in by_global else ""))] + [cells[(v, s)] for s in settings])
     if by_global:
@@ -236,11 +258,44 @@ def accuracy_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accurac
                        "\"personalised\"): its clients are scored with the global model as each last "
                        "downloaded it, not with a model of their own.")
     if (df.groupby(["variant", "setting"]).size() < 2).any():
-        t.notes.append("Cells with a single seed get no significance mark.")
+        t.notes.append("Cells with a single seed (or a single shared seed with the best) get no significance mark.")
     for (v, s), sub in df.groupby(["variant", "setting"], sort=False):
         if _incomplete(sub):
             t.notes.append(f"Defined predictions: {v} in {s}: {_defined_range(sub)} clients at the selected "
                            f"round(s); the accuracy is over the defined ones (see the fairness table).")
+    return t
+
+
+def comparison_table(df: pd.DataFrame, alpha: float = 0.05, column: str = "accuracy", test: str = "paired",
+                     name: str = "comparisons") -> Table | None:
+    """Per setting, every method against the best of its column: n, the mean difference best - method
+    (points) with its 95 % CI, the test's p, Holm's adjusted p and (paired, n >= 6) Wilcoxon's p."""
+    rows = []
+    for s in dict.fromkeys(df["setting"]):
+        sub = df[(df["setting"] == s) & df[column].notna()]
+        if sub.empty:
+            continue
+        groups = {v: g for v, g in sub.groupby("variant", sort=True)}
+        means = {v: g[column].mean() for v, g in groups.items()}
+        best = max(means, key=means.get)
+        for v, c in compare_to_best(groups, best, column, test, f"setting {s!r}").items():
+            ci = "–" if not np.isfinite(c.ci_low) else f"[{c.ci_low:.2f}, {c.ci_high:.2f}]"
+            wil = f"{c.p_wilcoxon:.4f}" if np.isfinite(c.p_wilcoxon) else f"– (n < {WILCOXON_MIN_N})"
+            rows.append([Cell(s), Cell(best), Cell(v), Cell(str(c.n)), Cell(f"{c.diff:.2f}", c.diff), Cell(ci),
+                         Cell(f"{c.p:.4f}", c.p), Cell(f"{c.p_holm:.4f}", c.p_holm,
+                                                        bold=c.p_holm < alpha), Cell(wil)])
+    if not rows:
+        return None
+    what = "local test accuracy" if column == "accuracy" else "global-model accuracy"
+    kind = ("paired t-test on the per-seed differences (runs paired by seed, same partition digest), 95 % CI of "
+            "the mean difference (t, n - 1 df, not corrected)" if test == "paired"
+            else "Welch's unpaired t-test on the seed samples (no CI)")
+    t = Table(name, f"Each method against the best of its setting ({what}, points): {kind}; p Holm-corrected over "
+                    f"the methods of the setting (bold: adjusted p < {alpha}); Wilcoxon signed-rank (exact, two-sided) "
+                    f"only where n ≥ {WILCOXON_MIN_N} pairs (below, its smallest p is 2/2^n ≥ 0.0625). "
+                    f"{summary_caption(df)}",
+              ["setting", "best", "method", "n", "best − method", "95 % CI", "p", "p (Holm)", "p (Wilcoxon)"])
+    t.rows = rows
     return t
 
 
@@ -285,20 +340,34 @@ def _ratio(name: str, base: float, mine: float, unit: str) -> str:
     return f"{name} {base / mine:.2f}× lower" if base >= mine else f"{name} {mine / base:.2f}× higher"
 
 
-def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None) -> Table:
-    """Per variant and setting: bytes and FLOPs per round, rounds to the target accuracy and the stored
-    cumulative bytes and FLOPs up to that round, and the ratios of the best-accuracy baseline's costs to the
-    focus method's (as the FedLoRA abstract states them)."""
-    header = ["method", "setting", "up / round", "down / round", "client TFLOP / round", "server TFLOP / round"]
+ONCE_UNKNOWN = "not recorded"
+
+
+def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None,
+               against: str | None = None) -> Table:
+    """Per variant and setting: whom the server sends to, the one-time bytes, bytes and FLOPs per round,
+    rounds to the target accuracy and the per-round bytes and FLOPs summed up to that round (the one-time
+    bytes beside them), and the ratios of the best-accuracy baseline's costs to the focus method's (as the
+    FedLoRA abstract states them), to the target with and without the one-time sends; ``against``: a
+    named baseline method instead of the best-accuracy one."""
+    df = df.assign(bytes_once=df["bytes_once"] if "bytes_once" in df else np.nan,
+                   down_to=df["down_to"] if "down_to" in df else "?")
+    header = ["method", "setting", "down to", "one-time bytes", "up / round", "down / round", "client TFLOP / round",
+              "server TFLOP / round"]
     if target is not None:
         header += [f"rounds to {target:.0%}", "bytes to target", "client TFLOP to target", "server TFLOP to target"]
-    cap = ("Costs per round (stored totals / rounds, mean over seeds; all clients, up and down separately; "
-           "FLOPs = 2 × fvcore MACs, training only)")
+    cap = ("Costs (mean over seeds; all clients). One-time bytes: what the run sends once, before round 1's "
+           "training (the initial state pushed to every client: FedKD's dense mentee, LG-FedAvg's head, FedGH's "
+           f"header); '{ONCE_UNKNOWN}': a run stored before fedbench kept it apart, its per-round figures then "
+           "include it spread over the rounds. Per round: the stored totals less the one-time bytes, / rounds "
+           "(up and down separately; FLOPs = 2 × fvcore MACs, training only; the pretrained backbone a "
+           "federated-LoRA client holds is not sent and not counted). Down to: the per-round send goes to every "
+           "client or to the round's participants")
     if target is not None:
-        cap += (f", and to reach {target:.0%} accuracy: the first evaluation round whose accuracy, in the series "
-                f"the accuracy table summarises, reaches it; bytes and TFLOP to target are the stored per-round sums "
-                f"of rounds 1 up to and including that round, mean over the seeds that reached it ((k/n seeds) where "
-                f"not all did). {summary_caption(df)}")
+        cap += (f". To reach {target:.0%} accuracy: the first evaluation round whose accuracy, in the series "
+                f"the accuracy table summarises, reaches it; bytes and TFLOP to target are the per-round sums of "
+                f"rounds 1 up to and including that round (the one-time bytes not included: add the one-time "
+                f"column), mean over the seeds that reached it ((k/n seeds) where not all did). {summary_caption(df)}")
     else:
         cap += "."
     t = Table("costs", cap, header)
@@ -307,6 +376,7 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
     def reached_mean(x):
         return x.dropna().mean() if x.notna().any() else np.nan
     agg = g.agg(up=("bytes_up_round", "mean"), down=("bytes_down_round", "mean"),
+                once=("bytes_once", "mean"), down_to=("down_to", "first"),
                 tflop=("client_tflop_round", "mean"), server=("server_tflop_round", "mean"),
                 acc=("accuracy", "mean"), method=("method", "first"),
                 rtt=("rounds_to_target", reached_mean), reached=("rounds_to_target", lambda x: int(x.notna().sum())),
@@ -318,8 +388,10 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
     def num(x, fmt):
         return Cell("–") if not np.isfinite(x) else Cell(fmt(x), float(x))
     for _, r in agg.sort_values(["_order", "method", "variant"]).iterrows():
-        row = [Cell(r["variant"]), Cell(r["setting"]), Cell(_fmt_bytes(r["up"])), Cell(_fmt_bytes(r["down"])),
-               Cell(f"{r['tflop']:.4f}"), Cell(f"{r['server']:.4f}")]
+        once = Cell(ONCE_UNKNOWN) if not np.isfinite(r["once"]) else Cell(_fmt_bytes(r["once"]), float(r["once"]))
+        silent = r["up"] == 0 and r["down"] == 0 and r["once"] == 0
+        row = [Cell(r["variant"]), Cell(r["setting"]), Cell("nothing sent" if silent else r["down_to"]), once, Cell(_fmt_bytes(r["up"])),
+               Cell(_fmt_bytes(r["down"])), Cell(f"{r['tflop']:.4f}"), Cell(f"{r['server']:.4f}")]
         if target is not None:
             seeds = f" ({r['reached']}/{r['n']} seeds)" if 0 < r["reached"] < r["n"] else ""
             if r["reached"] == 0:
@@ -328,6 +400,12 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
                 row += [Cell(f"{r['rtt']:.1f}{seeds}"), Cell(_fmt_bytes(r["bytes_tt"]) + seeds),
                         num(r["tflop_tt"], lambda x: f"{x:.3f}"), num(r["server_tt"], lambda x: f"{x:.3f}")]
         t.rows.append(row)
+    if "warmup_rounds" in df:
+        for (s, v), sub in df.groupby(["setting", "variant"], sort=False):
+            if sub["warmup_rounds"].max() > 0:
+                t.notes.append(f"{v} in {s}: {int(sub['warmup_rounds'].max())} warm-up rounds of local training "
+                               f"before it federates, {sub['warmup_tflop'].mean():.3f} TFLOP (client + server), "
+                               f"one-time: left out of the per-round figures, which are over the rounds after them.")
     if target is not None and "never_at_target" in df:
         for (s, v), sub in df.groupby(["setting", "variant"], sort=False):
             never = sub["never_at_target"].dropna()
@@ -335,28 +413,42 @@ def cost_table(df: pd.DataFrame, target: float | None, focus: str | None = None)
                 t.notes.append(f"{v} in {s} reached the target while up to {int(never.max())} clients had not "
                                f"been evaluated yet (left out of the accuracy of that round).")
     if focus is not None and (agg["method"] == focus).any():
-        for s, sub in agg.groupby("setting", sort=False):
-            mine_rows = sub[(sub["method"] == focus) & sub["acc"].notna()]
-            others = sub[(sub["method"] != focus) & sub["acc"].notna()]
-            if others.empty or mine_rows.empty:
-                continue
-            mine = mine_rows.loc[mine_rows["acc"].idxmax()]
-            base = others.loc[others["acc"].idxmax()]
-            ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points",
-                      _ratio("communication per round", base["up"] + base["down"], mine["up"] + mine["down"], "bytes"),
-                      _ratio("computation per round", base["tflop"], mine["tflop"], "tflop")]
-            if target is not None:
-                if mine["reached"] == mine["n"] and base["reached"] == base["n"]:
-                    ratios += [_ratio("communication to target", base["bytes_tt"], mine["bytes_tt"], "bytes"),
-                               _ratio("computation to target (client + server)", base["tflop_tt"] + base["server_tt"],
-                                      mine["tflop_tt"] + mine["server_tt"], "tflop")]
-                else:
-                    ratios.append(f"no cost-to-target ratio: the target was reached by {mine['variant']} in "
-                                  f"{mine['reached']}/{mine['n']} seeds and by {base['variant']} in "
-                                  f"{base['reached']}/{base['n']}")
-            t.notes.append(f"{mine['variant']} vs the best-accuracy baseline {base['variant']} "
-                           f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
+        t.notes += _focus_notes(agg, focus, target, against)
     return t
+
+
+def _focus_notes(agg: pd.DataFrame, focus: str, target: float | None, against: str | None = None) -> list[str]:
+    """Per setting: the focus method against the best-accuracy baseline (or the method ``against``), per
+    round and to the target (with and without the one-time sends)."""
+    notes = []
+    for s, sub in agg.groupby("setting", sort=False):
+        mine_rows = sub[(sub["method"] == focus) & sub["acc"].notna()]
+        others = sub[(sub["method"] != focus) & sub["acc"].notna() & ((sub["method"] == against) | (against is None))]
+        if others.empty or mine_rows.empty:
+            continue
+        mine = mine_rows.loc[mine_rows["acc"].idxmax()]
+        base = others.loc[others["acc"].idxmax()]
+        ratios = [f"accuracy {(mine['acc'] - base['acc']) * 100:+.2f} points",
+                  _ratio("communication per round", base["up"] + base["down"], mine["up"] + mine["down"], "bytes"),
+                  _ratio("computation per round", base["tflop"], mine["tflop"], "tflop")]
+        if target is not None:
+            if mine["reached"] == mine["n"] and base["reached"] == base["n"]:
+                ratios.append(_ratio("communication to target (per-round sends)", base["bytes_tt"], mine["bytes_tt"],
+                                     "bytes"))
+                if np.isfinite(base["once"]) and np.isfinite(mine["once"]):
+                    ratios.append(_ratio("with the one-time sends", base["bytes_tt"] + base["once"],
+                                         mine["bytes_tt"] + mine["once"], "bytes"))
+                else:
+                    ratios.append(f"one-time sends {ONCE_UNKNOWN} (inside the per-round figures)")
+                ratios.append(_ratio("computation to target (client + server)", base["tflop_tt"] + base["server_tt"],
+                                     mine["tflop_tt"] + mine["server_tt"], "tflop"))
+            else:
+                ratios.append(f"no cost-to-target ratio: the target was reached by {mine['variant']} in "
+                              f"{mine['reached']}/{mine['n']} seeds and by {base['variant']} in "
+                              f"{base['reached']}/{base['n']}")
+        notes.append(f"{mine['variant']} vs {'the best-accuracy baseline ' if against is None else ''}{base['variant']} "
+                     f"({base['acc'] * 100:.2f}%) in {s}: " + "; ".join(ratios) + ".")
+    return notes
 
 
 LANGUAGE_COLUMNS = (("ppl_global_before", "global ppl before"), ("ppl_global_after", "global ppl after"),

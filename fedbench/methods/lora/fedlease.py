@@ -180,6 +180,10 @@ class FedLEASE(FederatedLoRA):
         return super().label(p)[:-1] + extra + ")"
 
     @classmethod
+    def warmup_rounds(cls, p) -> int:
+        return p.fedlease_warmup  # W rounds of purely local training before the clustering
+
+    @classmethod
     def check_config(cls, p, cfg) -> None:
         super().check_config(p, cfg)
         if p.fedlease_warmup >= cfg.rounds:
