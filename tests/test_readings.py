@@ -45,6 +45,8 @@ SETTINGS: dict[str, dict[str, str]] = {
         "35.7 %": "the ViT's CIFAR-100 test accuracy, from its pretraining sidecar",
         "56.7 %": "the ViT's CIFAR-10 linear probe, from its pretraining sidecar",
         "34.1 %": "the linear probe of the random initialisation, from the pretraining sidecar"},
+    "reports/screenshots/README.md": {"0.00": "the single-seed cell text of the old page, quoted",
+                                      "16.7": "the figures' smallest text in px, measured by tests/browser_page.py"},
 }
 
 NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s?(kB|MB|GB|B)\b|\s?(%|x\b|×))?(?![\w.]*\d)")
