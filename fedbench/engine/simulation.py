@@ -413,9 +413,9 @@ class Simulation:
 
     def _joint(self, selected: list[int]) -> bool:
         m = self.method
-        if self.client_batching == "off" or len(selected) < 2 or not hasattr(m, "client_update_many"):
+        if self.client_batching == "off" or len(selected) < 2:
             return False
-        return m.batchable() and (self.client_batching == "on" or getattr(m, "batching_pays", False))
+        return m.batchable() and (self.client_batching == "on" or m.batching_pays_on(self.device))
 
     def _joint_updates(self, selected: list[int], w, rows: dict, uploads: list) -> None:
         """The participants' updates in one call of ``client_update_many`` (batched local training). The
