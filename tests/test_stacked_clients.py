@@ -7,6 +7,8 @@ family's ``--client-batching``): the same training as client by client. Pinned h
 * the engine, per opted-in method (standalone, FedAvg, LG-FedAvg, FedGH): batched rounds against
   one-by-one rounds, every state tensor within float tolerance and every per-client row (bytes up and
   down, train and eval MACs, samples, correct/total) identical;
+* evaluation in the same shape: every same-CNN client evaluated in one pass (standalone, LG-FedAvg,
+  FedGH: correct, total, eval MACs and the yi batch-mean accuracy as client by client);
 * the methods whose training is not the standard one opt out, and ``auto`` keeps the CPU client by client.
 """
 
@@ -111,10 +113,15 @@ OPTED_IN = {  # standalone: CNN-1..5, two clients each; the others one CNN (a gr
 }
 
 
-@pytest.mark.parametrize("case", list(OPTED_IN))
+SLOW = {"lg-fedavg", "fedgh"}  # nox -s nightly
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in OPTED_IN])
 def test_engine_stacked_round_equals_one_by_one(case):
     a, b = _sim("off", **OPTED_IN[case]), _sim("on", **OPTED_IN[case])
     assert b.method.batchable() and b._joint([0, 1]) and not a._joint([0, 1])
+    # evaluation in the same shape, where predict is the client's own CNN (FedAvg's is the global model)
+    assert b._stacked_eval(b.protocol) == (case != "fedavg") and not a._stacked_eval(a.protocol)
     start = {k: [t.clone() for t in ts] for k, ts in b.state.tensors.items()}
     for t in (1, 2):
         ra, rb = a.run_round(t), b.run_round(t)
@@ -126,6 +133,9 @@ def test_engine_stacked_round_equals_one_by_one(case):
             assert (r1.train_macs, r1.eval_macs, r1.bytes_up, r1.bytes_down, r1.train_samples, r1.total,
                     r1.correct) == (r2.train_macs, r2.eval_macs, r2.bytes_up, r2.bytes_down, r2.train_samples,
                                     r2.total, r2.correct), (case, t, r1.client)
+            assert r1.metrics.keys() == r2.metrics.keys()  # yi: the batch-mean accuracy, evaluated stacked too
+            for k, v in r1.metrics.items():
+                assert v == pytest.approx(r2.metrics[k], rel=1e-6), (case, t, r1.client, k)
         assert any(r.train_macs > 0 for r in sel) and ra.server_macs == rb.server_macs
         moved = assert_trained_alike(a, b, start)
     assert moved > 1e-3

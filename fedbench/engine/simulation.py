@@ -285,8 +285,7 @@ class Simulation:
                 if yi:  # right after its local training, the model as trained
                     self._evaluate_client(c, "yi")
         if joint and yi:
-            for k in selected:
-                self._evaluate_client(self.clients[k], "yi")
+            self._evaluate_clients([self.clients[k] for k in selected], "yi")
         with self.meter.scope("server", "train"):
             self.broadcast = method.server_update(self.server, uploads)
         if method.push == "all" and self.broadcast is not None:
@@ -301,8 +300,7 @@ class Simulation:
         if evaluated:
             for p in self.protocols:  # every client, after the round (pfllib: through the broadcast's view)
                 if p != "yi":
-                    for c in self.clients:
-                        self._evaluate_client(c, p)
+                    self._evaluate_clients(self.clients, p)
             if self.has_global_model:
                 with self.meter.scope("global", "eval"), self.compute():
                     correct, total = self.evaluator.global_model(method, self.server)
@@ -383,6 +381,59 @@ class Simulation:
         if protocol == "yi" and batch_mean is not None and res["correct"] is not None:
             res["metrics"]["acc_batch_mean"] = float(batch_mean)
         self._evals[protocol][c.id] = res
+        self._sync()
+        self._eval_time[protocol] += time.perf_counter() - t0
+
+    def _evaluate_clients(self, clients: list[Client], protocol: str) -> None:
+        """Every client of ``clients`` evaluated at ``protocol``'s moment: those that share a CNN in one stacked
+        pass (``_stacked_eval``) where the engine batches clients and the evaluation allows it, else one by one."""
+        groups: dict = {}
+        if self._stacked_eval(protocol):
+            for c in clients:
+                groups.setdefault(c.specs.get("model"), []).append(c)
+        for c in clients:
+            g = groups.get(c.specs.get("model"), [c])
+            if len(g) < 2:
+                self._evaluate_client(c, protocol)
+            elif c is g[0]:
+                self._evaluate_stacked(g, protocol)
+
+    def _stacked_eval(self, protocol: str) -> bool:
+        """Stacked evaluation: with client batching on (or ``auto`` where the method's joint pass pays on this
+        device), a method that predicts with each client's own CNN, the engine's own image evaluator, the test
+        split only (no ``--eval-val``), and no pfllib view to install per client."""
+        m = self.method
+        batching = self.client_batching == "on" or (self.client_batching == "auto" and m.batching_pays_on(self.device))
+        view = protocol == "pfllib" and m.push != "all" and self._has_view and self.broadcast is not None
+        return (batching and m.predicts_with_model() and isinstance(self.evaluator, Evaluator)
+                and not self.evaluator.token_level and not self.cfg.eval_val and not view)
+
+    def _evaluate_stacked(self, clients: list[Client], protocol: str) -> None:
+        """``_evaluate_client`` of same-CNN clients in one pass: the same rows (correct, total, MACs per client,
+        under yi the batch mean)."""
+        t0 = time.perf_counter()
+        idx = self.data.index["test"]
+        clients = sorted(clients, key=lambda c: -len(idx[c.id]))  # stable
+        modules = []
+        for c in clients:  # bind each client's tensors in turn and take them
+            m = c.module("model")
+            modules.append({n: p.detach() for n, p in m.named_parameters()})
+        params = {n: torch.stack([m[n] for m in modules]) for n in modules[0]}
+        ws = clients[0].module("model")
+        scope = EVAL_SCOPE + protocol
+
+        def seen(layer: str, inputs: list[torch.Tensor]) -> None:
+            for c, x in zip(clients, inputs, strict=False):
+                with self.meter.scope(c.id, scope):
+                    self.meter.add(self.meter.call_macs(getattr(ws, layer), x, weight_grad=False, input_grad=False))
+
+        with self.compute():
+            res = self.evaluator.stacked(params, [idx[c.id] for c in clients], seen)
+        for c, r in zip(clients, res, strict=True):
+            metrics = {}
+            if protocol == "yi" and r["batch_mean"] is not None:
+                metrics["acc_batch_mean"] = float(r["batch_mean"])
+            self._evals[protocol][c.id] = {"correct": r["correct"], "total": r["total"], "metrics": metrics}
         self._sync()
         self._eval_time[protocol] += time.perf_counter() - t0
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
@@ -216,8 +215,3 @@ class StackedTrainer:
             for n, t in m.tensors.items():
                 t.copy_(self.P[n][c])
 
-
-def stacked_params(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """The parameters of same-architecture modules stacked along a new leading dimension (detached)."""
-    return {n: torch.stack([dict(m.named_parameters())[n].detach() for m in modules])
-            for n, _ in modules[0].named_parameters()}

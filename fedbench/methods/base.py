@@ -226,6 +226,13 @@ class Method(abc.ABC):
         default: ``batching_pays``."""
         return self.batching_pays
 
+    def predicts_with_model(self) -> bool:
+        """Whether evaluation is the default ``predict`` (the logits of the client's own "model", a CNN of
+        models/cnn.py) for every client: the engine may then evaluate the clients that share a CNN in one
+        stacked pass (with ``--client-batching``), the same predictions. False where ``predict`` is
+        overridden (a global model, prototypes, an adapter) or the family is not MHPFL."""
+        return self.family == "mhpfl" and getattr(self.predict, "__func__", None) is Method.predict
+
     def client_update_many(self, clients: list[Client], payloads: list) -> list:
         """``client_update`` of several participants, in order (called only when ``batchable``); returns their
         uploads. Default: one by one, each client's MACs credited to it."""
