@@ -492,8 +492,10 @@ def sweep_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="ray: cluster address (auto, HOST:PORT or "
                                           "ray://HOST:PORT); default $RAY_ADDRESS, else a local Ray on this machine"),
     cpus_per_run: Optional[float] = typer.Option(None, "--cpus-per-run", help="ray: CPUs a run reserves (default 1)"),
-    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="ray: GPUs a run reserves, fractional "
-                                                 "to share one (0.25: four runs per GPU; default 0)"),
+    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="GPUs a run reserves, fractional "
+                                                 "to share one (0.25: four runs per GPU; ray: default 0; local: "
+                                                 "packs runs per GPU, --device cuda, --jobs defaults to what "
+                                                 "the GPUs hold)"),
     retries: int = typer.Option(2, "--retries", help="times a run whose worker or node died is tried again"),
     co_evaluate: bool = typer.Option(True, "--co-evaluate/--no-co-evaluate", help="runs that differ only in "
                                      "--eval-protocol share one training, evaluated under each protocol and "
@@ -519,9 +521,17 @@ def sweep_cmd(
         device_type = device
     else:
         device_type = None
-        for opt, v in (("--address", address), ("--cpus-per-run", cpus_per_run), ("--gpus-per-run", gpus_per_run)):
+        for opt, v in (("--address", address), ("--cpus-per-run", cpus_per_run)):
             if v is not None:
                 raise ConfigError(f"{opt} is an option of --executor ray")
+        if gpus_per_run is not None:
+            if device == "cpu":
+                raise ConfigError(f"--gpus-per-run {gpus_per_run} packs runs on GPUs that --device cpu would not use")
+            import torch
+
+            from fedbench.executors import gpu_slots
+            gpu_slots(gpus_per_run, torch.cuda.device_count())  # checked before any work
+            device = "cuda"
     if file is None and not axis and not base:
         raise ConfigError("give a sweep FILE or --axis/--base options")
     if file is not None:
@@ -573,8 +583,8 @@ def sweep_cmd(
         runner = RayExecutor(address, cpus_per_run or 1.0, gpus_per_run or 0.0, jobs, threads, device, data_dir)
     else:
         from fedbench.executors import LocalExecutor
-        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir,
-                               partition_files=tuple(pf.source for pf in files.values()))
+        runner = LocalExecutor(jobs, results.parent / f".{results.name}.logs", threads, device, data_dir,
+                               partition_files=tuple(pf.source for pf in files.values()), gpus_per_run=gpus_per_run)
     try:
         store = Store(results)
         try:
