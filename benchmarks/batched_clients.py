@@ -13,7 +13,8 @@ setting the same run is simulated twice through the public engine (``Simulation(
 "on")``), the two runs' rounds interleaved so a busy neighbour slows both alike; s/round is the median of
 the rounds after the first (round 1 traces the meter). Achieved FLOP/s = 2 x the engine's metered
 training MACs of a round / its training time; the ratio is client-by-client time / batched time. Every
-client is evaluated in the last round of each run, timed apart (evaluation, ``eval s``).
+client is evaluated in the last round of each run (one round: a rough figure), timed apart (``eval s``:
+client by client against every same-CNN group in one pass).
 
 Grid estimate: ``benchmarks/paper.toml`` (``--grid``): each run's training samples per round (C x its
 training split x epochs) times rounds, at the best measured seconds per trained sample of this device
@@ -42,6 +43,7 @@ from fedbench.engine.simulation import Simulation, resolve_device
 from fedbench.runner import prepare
 from fedbench.sweep import load_sweep
 
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000}
 SETTINGS = [(10, 1.0, 10), (50, 1.0, 10), (10, 1.0, 64), (50, 1.0, 64)]  # (N, C, batch)
 
 
@@ -82,11 +84,9 @@ def measure(device: torch.device, n: int, c: float, batch: int, a) -> dict[str, 
 def grid_estimate(path: str, s_per_sample: float) -> tuple[int, float, float]:
     """(runs, trained samples, seconds) of the sweep at ``s_per_sample``."""
     sw = load_sweep(path)
-    n_train = {"cifar10": 40000, "cifar100": 40000}  # 50k training images less the default 20 % validation
     samples = 0.0
-    for cfg in sw.configs:
-        pool = n_train.get(cfg.dataset, 50000) * (1 - cfg.val_fraction) / 0.8
-        samples += cfg.fraction * pool * cfg.epochs * cfg.rounds
+    for cfg in sw.configs:  # the training pool: the 50k training images less the validation hold-out
+        samples += cfg.fraction * TRAIN_IMAGES[cfg.dataset] * (1 - cfg.val_fraction) * cfg.epochs * cfg.rounds
     return len(sw.configs), samples, samples * s_per_sample
 
 
@@ -147,14 +147,15 @@ def main() -> None:
     if a.settings:
         settings = [(int(n), float(c), int(b)) for n, c, b in (s.split(":") for s in a.settings.split(","))]
     print(f"{'N':>4} {'C':>4} {'batch':>5} | {'one by one s/rnd':>16} {'GFLOP/s':>8} | {'batched s/rnd':>13} "
-          f"{'GFLOP/s':>8} | {'ratio':>5}")
+          f"{'GFLOP/s':>8} | {'ratio':>5} | eval s: one by one, batched, ratio")
     results = []
     for n, c, b in settings:
         r = measure(device, n, c, b, a)
         results += [r["off"], r["on"]]
         off, on = r["off"], r["on"]
         print(f"{n:4d} {c:4.1f} {b:5d} | {off['s_per_round']:16.3f} {off['flops_per_s'] / 1e9:8.2f} | "
-              f"{on['s_per_round']:13.3f} {on['flops_per_s'] / 1e9:8.2f} | {off['s_per_round'] / on['s_per_round']:5.2f}",
+              f"{on['s_per_round']:13.3f} {on['flops_per_s'] / 1e9:8.2f} | {off['s_per_round'] / on['s_per_round']:5.2f} | "
+              f"{off['eval_s']:.3f} {on['eval_s']:.3f} {off['eval_s'] / on['eval_s']:.2f}",
               flush=True)
     doc = {"device": str(device), "device_name": name, "peak_flops": peak, "args": vars(a), "results": results}
     at64 = [r for r in results if r["batch"] == 64]

@@ -109,7 +109,7 @@ OPTED_IN = {  # standalone: CNN-1..5, two clients each; the others one CNN (a gr
     "standalone": dict(),
     "fedavg": dict(method="fedavg", models="cnn5", clients=5),
     "lg-fedavg": dict(method="lg-fedavg", models="cnn5", clients=5, optimizer="adamw", lr=1e-3),
-    "fedgh": dict(method="fedgh", models="cnn5", clients=5, eval_protocol="yi"),
+    "fedgh": dict(method="fedgh", models="cnn5", clients=5, eval_protocol="yi", eval_batch_size=16),
 }
 
 
