@@ -4,6 +4,7 @@
     python benchmarks/batched_clients.py --threads 1                  # CPU: the four settings below
     python benchmarks/batched_clients.py --device cuda --pack 1,2,4   # a GPU, + the packing factor
     python benchmarks/batched_clients.py --rounds 4 --local-steps 10 --out r.json
+    python benchmarks/batched_clients.py --layouts cnn1:10:10,cnn5:10:10 --settings 10:1:10   # + the layouts
 
 Settings: (N, C) = (10, 1) and (50, 1), batch 10 and 64; ``standalone`` (the MHPFL family's standard local
 training, which every opted-in method runs), CNN-1..5 (client k gets CNN-(k mod 5 + 1): N = 50 gives ten
@@ -121,6 +122,64 @@ def packing(device: torch.device, ks: list[int], a) -> dict[int, float]:
     return rates
 
 
+def layout_study(device: torch.device, arch: str, clients: int, batch: int, reps: int = 3) -> dict[str, float]:
+    """Seconds of one forward + backward of ``clients`` CNNs of ``arch`` on their own batches, per layout:
+    ``loop`` (one module per client), ``vmap`` (torch.func.functional_call under vmap over stacked
+    parameters: convolutions lower to grouped ones), ``grouped`` (the clients' channels side by side, one
+    grouped convolution per layer, batched matmuls) and ``split`` (the engine's: one convolution per client,
+    batched matmuls; engine/stacked.py). Best of ``reps``."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, vmap
+
+    from fedbench.engine.stacked import LINEARS, cnn_forward
+    from fedbench.models.cnn import CNN, CNN_WIDTHS
+    models = [CNN(*CNN_WIDTHS[arch], num_classes=10).to(device) for _ in range(clients)]
+    x = torch.randn(clients, batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (clients, batch), device=device)
+    P = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_()
+         for n, _ in models[0].named_parameters()}
+
+    def loop():
+        for m, xc, yc in zip(models, x, y, strict=True):
+            F.cross_entropy(m(xc)[0], yc).backward()
+
+    def vmapped():
+        f = lambda p, xc, yc: F.cross_entropy(functional_call(models[0], p, (xc,))[0], yc)  # noqa: E731
+        torch.autograd.grad(vmap(f)(P, x, y).sum(), list(P.values()))
+
+    def grouped():
+        h = x.transpose(0, 1).reshape(batch, clients * 3, 32, 32)
+        for name in ("conv1", "conv2"):
+            w = P[f"{name}.weight"]
+            h = F.max_pool2d(F.relu(F.conv2d(h, w.reshape(-1, *w.shape[2:]), P[f"{name}.bias"].reshape(-1),
+                                             groups=clients)), 2)
+        h = h.reshape(batch, clients, -1).transpose(0, 1)
+        for name in LINEARS:
+            h = torch.baddbmm(P[f"{name}.bias"][:, None], h, P[f"{name}.weight"].transpose(1, 2))
+            h = F.relu(h) if name != LINEARS[-1] else h
+        torch.autograd.grad(F.cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1)), list(P.values()))
+
+    def split():
+        p = {n: (list(t) if n.startswith("conv") else t) for n, t in P.items()}
+        logits = cnn_forward(p, list(x), True)
+        torch.autograd.grad(sum(F.cross_entropy(lg, yc) for lg, yc in zip(logits, y, strict=True)), list(P.values()))
+
+    out = {}
+    for name, fn in (("loop", loop), ("vmap", vmapped), ("grouped", grouped), ("split", split)):
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = best
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -128,11 +187,13 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--local-steps", type=int, default=5, help="batches per client and round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per run (the first is not timed)")
-    ap.add_argument("--settings", default="", help="N:C:batch,... (default: 10:1:10,50:1:10,10:1:64,50:1:64)")
+    ap.add_argument("--settings", default="", help="N:C:batch,... (default: 10:1:10,50:1:10,10:1:64,50:1:64; none: skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--grid", default="benchmarks/paper.toml", help="sweep file for the grid estimate ('' : none)")
     ap.add_argument("--pack", default="", help="process counts for the packing factor, e.g. 1,2,4 ('' : skip)")
     ap.add_argument("--pack-rounds", type=int, default=3)
+    ap.add_argument("--layouts", default="", help="ARCH:CLIENTS:BATCH,... forward+backward per layout (loop, vmap, "
+                                                  "grouped, split), e.g. cnn1:10:10,cnn5:10:10 ('' : skip)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     if a.threads:
@@ -143,11 +204,22 @@ def main() -> None:
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; standalone, CNN-1..5, {a.dataset}, {a.local_steps} local "
           f"steps, {a.rounds} rounds (first not timed)")
+    doc = {"device": str(device), "device_name": name, "peak_flops": peak, "args": vars(a)}
+    if a.layouts:
+        doc["layouts"] = {}
+        for spec in a.layouts.split(","):
+            arch, k, b = spec.split(":")
+            r = doc["layouts"][spec] = layout_study(device, arch, int(k), int(b))
+            print(f"layout {arch}, {k} clients, batch {b}: " + ", ".join(
+                f"{n} {s * 1e3:.1f} ms ({r['loop'] / s:.2f}x)" for n, s in r.items()), flush=True)
     settings = SETTINGS
-    if a.settings:
+    if a.settings == "none":
+        settings = []
+    elif a.settings:
         settings = [(int(n), float(c), int(b)) for n, c, b in (s.split(":") for s in a.settings.split(","))]
-    print(f"{'N':>4} {'C':>4} {'batch':>5} | {'one by one s/rnd':>16} {'GFLOP/s':>8} | {'batched s/rnd':>13} "
-          f"{'GFLOP/s':>8} | {'ratio':>5} | eval s: one by one, batched, ratio")
+    if settings:
+        print(f"{'N':>4} {'C':>4} {'batch':>5} | {'one by one s/rnd':>16} {'GFLOP/s':>8} | {'batched s/rnd':>13} "
+              f"{'GFLOP/s':>8} | {'ratio':>5} | eval s: one by one, batched, ratio")
     results = []
     for n, c, b in settings:
         r = measure(device, n, c, b, a)
@@ -157,7 +229,7 @@ def main() -> None:
               f"{on['s_per_round']:13.3f} {on['flops_per_s'] / 1e9:8.2f} | {off['s_per_round'] / on['s_per_round']:5.2f} | "
               f"{off['eval_s']:.3f} {on['eval_s']:.3f} {off['eval_s'] / on['eval_s']:.2f}",
               flush=True)
-    doc = {"device": str(device), "device_name": name, "peak_flops": peak, "args": vars(a), "results": results}
+    doc["results"] = results
     at64 = [r for r in results if r["batch"] == 64]
     if a.grid and at64:
         best = min(at64, key=lambda r: r["s_per_sample"])
