@@ -4,8 +4,9 @@ Per round t:
   1. sample int(C*N) distinct clients (seeded by the master seed and t);
   2. each participant gets its download (``method.download``: the broadcast, or a payload of its own;
      bytes down), runs ``client_update`` (metered FLOPs) and returns its upload (bytes up); with
-     ``client_batching`` (auto | on | off) a method offering ``client_update_many`` trains all
-     participants in one batched pass instead, the rows the same per client;
+     ``client_batching`` (auto | on | off) a ``batchable`` method trains all participants through
+     ``client_update_many`` in one batched pass instead (federated LoRA: fedbench/lora/batched.py; MHPFL,
+     same-CNN groups: fedbench/engine/stacked.py), the rows the same per client;
   3. the server turns uploads into the next global state (``server_update``, server FLOPs); a method
      with ``push = "all"`` has it delivered to every client right away (bytes down for all);
   4. every ``eval_every`` rounds (and at the last) clients are evaluated on their test split (and
@@ -98,8 +99,10 @@ def resolve_client_batching(choice: str | None, device: torch.device) -> str:
     ``auto``: on where the method says the joint pass pays (``batching_pays``: the federated-LoRA family
     with linear adapters, SmolLM2 excepted; benchmarks/batched_round.py measured the batched ViT round 1.30x
     (10 participants) and 1.19x (50) faster on the 2-core CPU, the char-lm round 1.24x and 1.08x, the
-    SmolLM2 round 0.61x (slower); per-segment convolution adapters were not faster there), off otherwise. ``device`` is taken for
-    a device-dependent rule; today's rule is the same on every device."""
+    SmolLM2 round 0.61x (slower); per-segment convolution adapters were not faster there), off otherwise;
+    for the MHPFL family's standard training (``StandardTraining.batching_pays_on``) on CUDA only (the CPU
+    gain measured 0.85-1.35x, and the CPU keeps its stored numbers bit for bit). The rule is the method's
+    ``batching_pays_on(device)``."""
     choice = os.environ.get(CLIENT_BATCHING_ENV, "auto") if choice is None else choice
     choice = choice.strip().lower()
     if choice not in CLIENT_BATCHING:
