@@ -202,7 +202,9 @@ class StackedTrainer:
         if not st:
             st["exp_avg"] = [torch.zeros_like(p) for p in params]
             st["exp_avg_sq"] = [torch.zeros_like(p) for p in params]
-            st["step"] = [torch.zeros((), dtype=torch.float32, device=params[0].device) for _ in params]
+            # where torch's AdamW keeps its step counts: on the device only when fused (or capturable)
+            on = params[0].device if g["fused"] or g["capturable"] else "cpu"
+            st["step"] = [torch.zeros((), dtype=torch.float32, device=on) for _ in params]
         adamw(params, grads, [t[:a] for t in st["exp_avg"]], [t[:a] for t in st["exp_avg_sq"]],
                                 [], st["step"], foreach=g["foreach"], fused=g["fused"], amsgrad=g["amsgrad"],
                                 beta1=g["betas"][0], beta2=g["betas"][1], lr=g["lr"],
