@@ -101,7 +101,7 @@ def resolve_client_batching(choice: str | None, device: torch.device) -> str:
     (10 participants) and 1.19x (50) faster on the 2-core CPU, the char-lm round 1.24x and 1.08x, the
     SmolLM2 round 0.61x (slower); per-segment convolution adapters were not faster there), off otherwise;
     for the MHPFL family's standard training (``StandardTraining.batching_pays_on``) on CUDA only (the CPU
-    gain measured 0.85-1.35x, and the CPU keeps its stored numbers bit for bit). The rule is the method's
+    gain measured 0.82-1.51x by setting and load, and the CPU keeps its stored numbers bit for bit). The rule is the method's
     ``batching_pays_on(device)``."""
     choice = os.environ.get(CLIENT_BATCHING_ENV, "auto") if choice is None else choice
     choice = choice.strip().lower()
