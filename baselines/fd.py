@@ -25,6 +25,9 @@ broadcast to all participants, so the server sends per-class sums and counts ins
 (m x K floats + m int64 counts + m class ids) and each client removes its own last upload when that upload
 went into the sums (it did iff the client took part in the previous round). A class held only by the
 client itself has no target.
+
+Client by client under ``--client-batching``: its loss adds the distillation term to CE and it
+collects per-label logits during training, so it is not ``StandardTraining`` (not ``batchable``).
 """
 
 from __future__ import annotations

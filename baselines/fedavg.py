@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
-from fedbench.methods.base import Method, load, snapshot, weighted_mean
+from fedbench.methods.base import load, snapshot, weighted_mean
+from fedbench.methods.standard import StandardTraining
 from fedbench.models.cnn import cnn_spec
 
 
-class FedAvg(Method):
+class FedAvg(StandardTraining):
     code = "TsingZ0/HtFLlib (the form implemented)"
     paper = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017"
     heterogeneous = False
@@ -30,13 +29,12 @@ class FedAvg(Method):
         # one architecture for all clients (checked by the engine through `heterogeneous = False`)
         return snapshot(server.own("model", cnn_spec(self.run.models, self.run.num_classes)))
 
-    def client_update(self, client, w):
-        model = client.module("model")
-        load(model, w)
-        opt = client.optimizer(model.parameters())
-        for x, y in client.batches(self.run.epochs):
-            client.step(opt, F.cross_entropy(model(x)[0], y))
-        return snapshot(model)
+    # local training: the standard one (StandardTraining) from the received w
+    def install(self, client, w):
+        load(client.module("model"), w)
+
+    def upload(self, client):
+        return snapshot(client.module("model"))
 
     def server_update(self, server, uploads):
         w = weighted_mean(uploads)

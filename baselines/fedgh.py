@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from baselines.fedproto import ClassMeans
 from fedbench.hparams import hparam
 from fedbench.metering.comm import class_id_dtype
-from fedbench.methods.base import Method, load, snapshot
+from fedbench.methods.base import load, snapshot
+from fedbench.methods.standard import StandardTraining
 from fedbench.models.cnn import REP_DIM, linear_spec
 from fedbench.seeding import torch_generator
 
 
-class FedGH(Method):
+class FedGH(StandardTraining):
     code = "LipingYi/FedGH; TsingZ0/HtFLlib"
     paper = ("Yi et al., FedGH: Heterogeneous Federated Learning with Generalized Global Header, "
              "ACM MM 2023 (arXiv 2303.13137)")
@@ -65,12 +66,9 @@ class FedGH(Method):
     def server_init(self, server):
         return snapshot(server.own("header", linear_spec(REP_DIM, self.run.num_classes)))
 
-    def client_update(self, client, broadcast):
+    # local training: the standard one (StandardTraining); push = "all": the header is in fc3 already
+    def upload(self, client):
         model = client.module("model")
-        opt = client.optimizer(model.parameters())
-        for x, y in client.batches(self.run.epochs):
-            client.step(opt, F.cross_entropy(model(x)[0], y))
-
         acc = ClassMeans(self.run.num_classes, REP_DIM, client.device)
         with torch.no_grad():  # prototype collection: forward only, metered as client training cost
             for x, y in client.batches(1, augment=False, shuffle=False, count=False):

@@ -55,6 +55,9 @@ broadcast of the initial mentee in round 1, counted like any download.
 ``--fedkd-compress params`` is TsingZ0/HtFLlib's variant: the mentee *parameters* are compressed,
 averaged and re-compressed, and every client replaces its mentee by the reconstruction. It deviates
 from the original and is recorded in the label.
+
+Client by client under ``--client-batching``: it trains a mentor and a mentee together with
+per-module clips, so it is not ``StandardTraining`` (not ``batchable``).
 """
 
 from __future__ import annotations

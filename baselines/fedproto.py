@@ -29,6 +29,9 @@ reports 0 % there; fedbench stores undefined, spec A.5), which only an evaluatio
 aggregation (``--eval-initial``) can see.
 
 Defaults: lam = 1.0 is HtFLlib's parser default; HtFLlib's tuned example script uses lam = 10.
+
+Client by client under ``--client-batching``: its loss adds the prototype term to CE (and it
+collects prototypes during training), so it is not ``StandardTraining`` (not ``batchable``).
 """
 
 from __future__ import annotations

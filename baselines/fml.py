@@ -31,6 +31,9 @@ a = b = 0.5 (HtFLlib's tuned script), not its parser default 1.0, which switches
 The meme goes only to the clients selected in a round (``push = "selected"``): a client overwrites
 its meme with the global one at the start of its round and evaluates with f_k alone, so a copy sent
 to a client that does not train would never be used (spec A.6 lists no broadcast-to-all for FML).
+
+Client by client under ``--client-batching``: it trains two models (f_k and the meme) together,
+so it is not ``StandardTraining`` (not ``batchable``).
 """
 
 from __future__ import annotations

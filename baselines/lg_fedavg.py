@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
+from fedbench.methods.base import load, snapshot, weighted_mean
+from fedbench.methods.standard import StandardTraining
 
-from fedbench.methods.base import Method, load, snapshot, weighted_mean
 
-
-class LGFedAvg(Method):
+class LGFedAvg(StandardTraining):
     code = "pliang279/LG-FedAvg; the form implemented is TsingZ0/HtFLlib's"
     paper = ("Liang et al., Think Locally, Act Globally: Federated Learning with Local and Global "
              "Representations, arXiv 2001.01523")
@@ -47,13 +46,10 @@ class LGFedAvg(Method):
         # called after every client_init: the initial global head is client 0's (HtFLlib)
         return snapshot(self.first_client.module("model").fc3)
 
-    def client_update(self, client, broadcast):
-        # push = "all": the global head was written into fc3 by receive()
-        model = client.module("model")
-        opt = client.optimizer(model.parameters())
-        for x, y in client.batches(self.run.epochs):
-            client.step(opt, F.cross_entropy(model(x)[0], y))
-        return snapshot(model.fc3)  # weight (K, 500) and bias (K,)
+    # local training: the standard one (StandardTraining); push = "all": the global head was written into
+    # fc3 by receive(), nothing to install
+    def upload(self, client):
+        return snapshot(client.module("model").fc3)  # weight (K, 500) and bias (K,)
 
     def server_update(self, server, uploads):
         return weighted_mean(uploads)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
-from fedbench.methods.base import Method
+from fedbench.methods.standard import StandardTraining
 
 
-class Standalone(Method):
+class Standalone(StandardTraining):
     code = "none (local training only)"
     paper = "local training without federation (the MHPFL papers' 'Standalone' baseline)"
     heterogeneous = True
@@ -21,10 +19,4 @@ class Standalone(Method):
     @dataclass
     class Params:
         pass
-
-    def client_update(self, client, broadcast):
-        model = client.module("model")
-        opt = client.optimizer(model.parameters())
-        for x, y in client.batches(self.run.epochs):
-            client.step(opt, F.cross_entropy(model(x)[0], y))
-        return None
+    # local training: the standard one (StandardTraining), nothing installed, nothing uploaded

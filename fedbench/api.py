@@ -354,7 +354,8 @@ def sweep(spec: str | Path | Mapping[str, Any] | None = None, /, *, base: Mappin
         executor: ``local`` (processes on this machine) or ``ray`` (tasks on a Ray cluster).
         address: ray: the cluster's address (default ``$RAY_ADDRESS``, else a local Ray).
         cpus_per_run: ray: CPUs a run reserves (default 1).
-        gpus_per_run: ray: GPUs a run reserves, fractional to share one (default 0).
+        gpus_per_run: GPUs a run reserves, fractional to share one (0.25: four runs per GPU; ray: default 0;
+            local: packs runs per GPU with --device cuda, ``jobs`` defaulting to what the GPUs hold).
         retries: times a run whose worker or node died is tried again.
         co_evaluate: runs that differ only in their evaluation protocol share one training.
         say: where the plan's one-line account goes; default stderr.
@@ -389,9 +390,17 @@ def sweep(spec: str | Path | Mapping[str, Any] | None = None, /, *, base: Mappin
         device_type = device
     else:
         device_type = None
-        for opt, v in (("--address", address), ("--cpus-per-run", cpus_per_run), ("--gpus-per-run", gpus_per_run)):
+        for opt, v in (("--address", address), ("--cpus-per-run", cpus_per_run)):
             if v is not None:
                 raise ConfigError(f"{opt} is an option of --executor ray")
+        if gpus_per_run is not None:  # the local executor packs runs per GPU
+            if device == "cpu":
+                raise ConfigError(f"--gpus-per-run {gpus_per_run} packs runs on GPUs that --device cpu would not use")
+            import torch
+
+            from fedbench.executors import gpu_slots
+            gpu_slots(gpus_per_run, torch.cuda.device_count())  # checked before any work
+            device = "cuda"
     doc, where = _sweep_document(spec, base, axes)
     doc, files = sweep_partition_files(doc, where)
     sw = parse_sweep(doc, where, device_type or _device_type(device))
@@ -419,8 +428,8 @@ def sweep(spec: str | Path | Mapping[str, Any] | None = None, /, *, base: Mappin
         runner = RayExecutor(address, cpus_per_run or 1.0, gpus_per_run or 0.0, jobs, threads, device, data_dir)
     else:
         from fedbench.executors import LocalExecutor
-        runner = LocalExecutor(jobs or 1, results.parent / f".{results.name}.logs", threads, device, data_dir,
-                               partition_files=tuple(pf.source for pf in files.values()))
+        runner = LocalExecutor(jobs, results.parent / f".{results.name}.logs", threads, device, data_dir,
+                               partition_files=tuple(pf.source for pf in files.values()), gpus_per_run=gpus_per_run)
     try:
         store = Store(results)
         try:

@@ -485,8 +485,10 @@ def sweep_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="ray: cluster address (auto, HOST:PORT or "
                                           "ray://HOST:PORT); default $RAY_ADDRESS, else a local Ray on this machine"),
     cpus_per_run: Optional[float] = typer.Option(None, "--cpus-per-run", help="ray: CPUs a run reserves (default 1)"),
-    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="ray: GPUs a run reserves, fractional "
-                                                 "to share one (0.25: four runs per GPU; default 0)"),
+    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run", help="GPUs a run reserves, fractional "
+                                                 "to share one (0.25: four runs per GPU; ray: default 0; local: "
+                                                 "packs runs per GPU, --device cuda, --jobs defaults to what "
+                                                 "the GPUs hold)"),
     retries: int = typer.Option(2, "--retries", help="times a run whose worker or node died is tried again"),
     co_evaluate: bool = typer.Option(True, "--co-evaluate/--no-co-evaluate", help="runs that differ only in "
                                      "--eval-protocol share one training, evaluated under each protocol and "

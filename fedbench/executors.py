@@ -127,16 +127,45 @@ def _die_with_parent() -> None:
         pass
 
 
+def gpu_slots(gpus_per_run: float, gpu_count: int) -> int:
+    """Runs at a time that ``gpus_per_run`` (a fraction of one GPU: 0.25 packs four runs on each) lets
+    ``gpu_count`` GPUs hold."""
+    from fedbench.errors import ConfigError
+    if not 0 < gpus_per_run <= 1:
+        raise ConfigError(f"--gpus-per-run {gpus_per_run}: the local executor packs runs on a GPU with a fraction "
+                          f"in (0, 1] (a run uses one GPU)")
+    if gpu_count < 1:
+        raise ConfigError(f"--gpus-per-run {gpus_per_run}: torch sees no CUDA device on this machine")
+    return gpu_count * int(1 / gpus_per_run + 1e-9)
+
+
 class LocalExecutor(Executor):
     """``jobs`` worker processes at a time on this machine, a fresh one per run, each with ``threads``
-    torch threads (0: cores / jobs); a worker's output goes to ``log_dir/<run_id>.log``."""
+    torch threads (0: cores / jobs); a worker's output goes to ``log_dir/<run_id>.log``.
+
+    ``gpus_per_run`` (a fraction of one GPU) packs runs per device: each run goes to the GPU (``cuda:K``)
+    with the fewest runs, at most ``1 / gpus_per_run`` on each; ``jobs`` defaults to what the GPUs hold.
+    Like Ray's fractional GPUs this only counts: the runs share the GPU's memory and time (benchmarks/
+    batched_clients.py --pack measures what packing gains on a device)."""
 
     name = "local"
 
-    def __init__(self, jobs: int, log_dir: Path, threads: int = 0, device: str = "auto",
-                 data_dir: str | os.PathLike | None = None, partition_files: tuple[str, ...] = ()) -> None:
+    def __init__(self, jobs: int | None, log_dir: Path, threads: int = 0, device: str = "auto",
+                 data_dir: str | os.PathLike | None = None, partition_files: tuple[str, ...] = (),
+                 gpus_per_run: float | None = None, gpu_count: int | None = None) -> None:
         super().__init__()
         from fedbench.engine.simulation import available_cores
+        self.per_gpu = 0
+        self._on_gpu: dict[int, set[str]] = {}
+        if gpus_per_run is not None:
+            if gpu_count is None:
+                import torch
+                gpu_count = torch.cuda.device_count()
+            slots = gpu_slots(gpus_per_run, gpu_count)
+            self.per_gpu = slots // gpu_count
+            self._on_gpu = {k: set() for k in range(gpu_count)}
+            jobs = min(jobs, slots) if jobs else slots
+        jobs = jobs or 1
         self.jobs = jobs
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(exist_ok=True)
@@ -152,12 +181,26 @@ class LocalExecutor(Executor):
         return self.jobs
 
     def describe(self) -> str:
-        return f"{self.jobs} at a time, {self.settings.threads} torch thread(s) each"
+        packed = f", up to {self.per_gpu} per GPU" if self.per_gpu else ""
+        return f"{self.jobs} at a time{packed}, {self.settings.threads} torch thread(s) each"
+
+    def device_for(self, run_id: str) -> str:
+        """The run's device: with ``gpus_per_run``, the GPU holding the fewest runs (booked until it ends)."""
+        if not self._on_gpu:
+            return self.settings.device
+        k = min(self._on_gpu, key=lambda g: len(self._on_gpu[g]))
+        self._on_gpu[k].add(run_id)
+        return f"cuda:{k}"
+
+    def _release(self, run_id: str) -> None:
+        for runs in self._on_gpu.values():
+            runs.discard(run_id)
 
     def submit(self, job) -> None:
         s = self.settings
         r, w = os.pipe()
-        cmd = [sys.executable, "-m", "fedbench.worker", "--config", job.cfg.canonical_json(), "--device", s.device,
+        cmd = [sys.executable, "-m", "fedbench.worker", "--config", job.cfg.canonical_json(),
+               "--device", self.device_for(job.run_id),
                "--threads", str(s.threads), "--prefetch", s.prefetch, "--fd", str(w)]
         if s.data_dir:
             cmd += ["--data-dir", s.data_dir]
@@ -185,6 +228,7 @@ class LocalExecutor(Executor):
                 last = kind
                 self._post(job, attempt, kind, payload)
         code = proc.wait()
+        self._release(job.run_id)
         if last not in ("done", "error"):
             how = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
             tail = log_path.read_text(errors="replace").strip().splitlines() if log_path.exists() else []

@@ -203,7 +203,8 @@ def test_killed_worker_is_retried_then_failed_with_the_reason(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--executor", "slurm"], "unknown --executor 'slurm'"),
     (["--address", "127.0.0.1:6379"], "--address is an option of --executor ray"),
-    (["--gpus-per-run", "0.5"], "--gpus-per-run is an option of --executor ray"),
+    (["--gpus-per-run", "1.5"], "--gpus-per-run 1.5: the local executor packs runs on a GPU with a fraction"),
+    (["--gpus-per-run", "0.5", "--device", "cpu"], "--gpus-per-run 0.5 packs runs on GPUs that --device cpu"),
     (["--retries", "-1"], "--retries must be >= 0"),
     (["--jobs", "0"], "--jobs must be >= 1"),
 ])
@@ -216,6 +217,20 @@ def test_bad_executor_options_exit_2_store_untouched(tmp_path, capsys, args, nee
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedbench: error: ") and needle in err[0], err
     assert not res.exists()
+
+
+def test_local_executor_packs_runs_per_gpu(tmp_path):
+    """--gpus-per-run 0.25 on two GPUs: eight runs at a time, each to the GPU holding the fewest (as an
+    argument, cuda:K), a GPU freed when its run ends."""
+    from fedbench.executors import LocalExecutor
+    ex = LocalExecutor(None, tmp_path, gpus_per_run=0.25, gpu_count=2)
+    assert ex.capacity() == 8 and ex.per_gpu == 4 and "up to 4 per GPU" in ex.describe()
+    assert [ex.device_for(f"r{i}") for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    ex._release("r1")
+    ex._release("r3")
+    assert ex.device_for("r5") == "cuda:1"
+    assert LocalExecutor(3, tmp_path, gpus_per_run=0.5, gpu_count=2).capacity() == 3  # --jobs caps it
+    assert LocalExecutor(None, tmp_path).device_for("r0") == "auto"  # no packing: the run's --device
 
 
 def test_ray_missing_says_how_to_install(tmp_path, capsys, monkeypatch):

@@ -72,6 +72,36 @@ class Evaluator:
         self.batch_mean = float(torch.stack(per_batch).mean()) if per_batch else None
         return int(correct.item()), len(idx)
 
+    @torch.no_grad()
+    def stacked(self, params: dict[str, torch.Tensor], idxs: list[torch.Tensor], seen=None) -> list[dict]:
+        """Same-CNN clients in one pass (fedbench/engine/stacked.py): client c's parameters at index c of the
+        stacked ``params``, its test images ``idxs[c]``. Per client {"correct", "total", "batch_mean"}, as
+        ``accuracy`` gives them (the batch mean over chunks of ``eval_batch_size``); the clients step through
+        their images together, ``eval_batch_size // clients`` each at a time. ``seen(layer, inputs)`` as
+        ``cnn_forward``'s (metering)."""
+        from fedbench.engine.stacked import CONVS, cnn_forward
+        data, n = self.data, len(idxs)
+        step = max(1, self.cfg.eval_batch_size // n)
+        hits = [[] for _ in range(n)]
+        per = {k: (list(v) if k.split(".")[0] in CONVS else v) for k, v in params.items()}
+        for s in range(0, max(len(i) for i in idxs), step):
+            live = [c for c in range(n) if s < len(idxs[c])]  # a prefix: idxs are sorted by length, longest first
+            assert live == list(range(len(live))), "stacked evaluation: clients must come longest first"
+            bs = [idxs[c][s:s + step] for c in live]
+            equal = all(len(b) == len(bs[0]) for b in bs)
+            p = {k: (v[:len(live)] if isinstance(v, list) or equal else list(v[:len(live)])) for k, v in per.items()}
+            logits = cnn_forward(p, [data.transform.eval(data.images[b]) for b in bs], equal, seen)
+            for c, (lg, b) in enumerate(zip(logits, bs, strict=True)):
+                hits[c].append(lg.argmax(1) == data.labels[b])
+        out = []
+        chunk = self.cfg.eval_batch_size
+        for c in range(n):
+            h = torch.cat(hits[c]) if hits[c] else torch.zeros(0, dtype=torch.bool, device=self.device)
+            per_batch = [h[s:s + chunk].float().mean() for s in range(0, len(h), chunk)]
+            out.append({"correct": int(h.sum().item()), "total": len(h),
+                        "batch_mean": float(torch.stack(per_batch).mean()) if per_batch else None})
+        return out
+
     def client(self, method, client, split: str = "test") -> tuple[int | None, int]:
         """(correct, total) of the client's predictions on its ``split`` ("test" or "val")."""
         idx = self.data.index[split][client.id]

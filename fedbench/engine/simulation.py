@@ -4,8 +4,9 @@ Per round t:
   1. sample int(C*N) distinct clients (seeded by the master seed and t);
   2. each participant gets its download (``method.download``: the broadcast, or a payload of its own;
      bytes down), runs ``client_update`` (metered FLOPs) and returns its upload (bytes up); with
-     ``client_batching`` (auto | on | off) a method offering ``client_update_many`` trains all
-     participants in one batched pass instead, the rows the same per client;
+     ``client_batching`` (auto | on | off) a ``batchable`` method trains all participants through
+     ``client_update_many`` in one batched pass instead (federated LoRA: fedbench/lora/batched.py; MHPFL,
+     same-CNN groups: fedbench/engine/stacked.py), the rows the same per client;
   3. the server turns uploads into the next global state (``server_update``, server FLOPs); a method
      with ``push = "all"`` has it delivered to every client right away (bytes down for all), and such a
      method's initial state (``server_init``) goes to every client once before round 1's training (bytes
@@ -101,8 +102,10 @@ def resolve_client_batching(choice: str | None, device: torch.device) -> str:
     ``auto``: on where the method says the joint pass pays (``batching_pays``: the federated-LoRA family
     with linear adapters, SmolLM2 excepted; benchmarks/batched_round.py measured the batched ViT round 1.30x
     (10 participants) and 1.19x (50) faster on the 2-core CPU, the char-lm round 1.24x and 1.08x, the
-    SmolLM2 round 0.61x (slower); per-segment convolution adapters were not faster there), off otherwise. ``device`` is taken for
-    a device-dependent rule; today's rule is the same on every device."""
+    SmolLM2 round 0.61x (slower); per-segment convolution adapters were not faster there), off otherwise;
+    for the MHPFL family's standard training (``StandardTraining.batching_pays_on``) on CUDA only (the CPU
+    gain measured 0.82-1.51x by setting and load, and the CPU keeps its stored numbers bit for bit). The rule is the method's
+    ``batching_pays_on(device)``."""
     choice = os.environ.get(CLIENT_BATCHING_ENV, "auto") if choice is None else choice
     choice = choice.strip().lower()
     if choice not in CLIENT_BATCHING:
@@ -294,8 +297,7 @@ class Simulation:
                 if yi:  # right after its local training, the model as trained
                     self._evaluate_client(c, "yi")
         if joint and yi:
-            for k in selected:
-                self._evaluate_client(self.clients[k], "yi")
+            self._evaluate_clients([self.clients[k] for k in selected], "yi")
         with self.meter.scope("server", "train"):
             self.broadcast = method.server_update(self.server, uploads)
         if method.push == "all" and self.broadcast is not None:
@@ -310,8 +312,7 @@ class Simulation:
         if evaluated:
             for p in self.protocols:  # every client, after the round (pfllib: through the broadcast's view)
                 if p != "yi":
-                    for c in self.clients:
-                        self._evaluate_client(c, p)
+                    self._evaluate_clients(self.clients, p)
             if self.has_global_model:
                 with self.meter.scope("global", "eval"), self.compute():
                     correct, total = self.evaluator.global_model(method, self.server)
@@ -395,6 +396,59 @@ class Simulation:
         self._sync()
         self._eval_time[protocol] += time.perf_counter() - t0
 
+    def _evaluate_clients(self, clients: list[Client], protocol: str) -> None:
+        """Every client of ``clients`` evaluated at ``protocol``'s moment: those that share a CNN in one stacked
+        pass (``_stacked_eval``) where the engine batches clients and the evaluation allows it, else one by one."""
+        groups: dict = {}
+        if self._stacked_eval(protocol):
+            for c in clients:
+                groups.setdefault(c.specs.get("model"), []).append(c)
+        for c in clients:
+            g = groups.get(c.specs.get("model"), [c])
+            if len(g) < 2:
+                self._evaluate_client(c, protocol)
+            elif c is g[0]:
+                self._evaluate_stacked(g, protocol)
+
+    def _stacked_eval(self, protocol: str) -> bool:
+        """Stacked evaluation: with client batching on (or ``auto`` where the method's joint pass pays on this
+        device), a method that predicts with each client's own CNN, the engine's own image evaluator, the test
+        split only (no ``--eval-val``), and no pfllib view to install per client."""
+        m = self.method
+        batching = self.client_batching == "on" or (self.client_batching == "auto" and m.batching_pays_on(self.device))
+        view = protocol == "pfllib" and m.push != "all" and self._has_view and self.broadcast is not None
+        return (batching and m.predicts_with_model() and isinstance(self.evaluator, Evaluator)
+                and not self.evaluator.token_level and not self.cfg.eval_val and not view)
+
+    def _evaluate_stacked(self, clients: list[Client], protocol: str) -> None:
+        """``_evaluate_client`` of same-CNN clients in one pass: the same rows (correct, total, MACs per client,
+        under yi the batch mean)."""
+        t0 = time.perf_counter()
+        idx = self.data.index["test"]
+        clients = sorted(clients, key=lambda c: -len(idx[c.id]))  # stable
+        modules = []
+        for c in clients:  # bind each client's tensors in turn and take them
+            m = c.module("model")
+            modules.append({n: p.detach() for n, p in m.named_parameters()})
+        params = {n: torch.stack([m[n] for m in modules]) for n in modules[0]}
+        ws = clients[0].module("model")
+        scope = EVAL_SCOPE + protocol
+
+        def seen(layer: str, inputs: list[torch.Tensor]) -> None:
+            for c, x in zip(clients, inputs, strict=False):
+                with self.meter.scope(c.id, scope):
+                    self.meter.add(self.meter.call_macs(getattr(ws, layer), x, weight_grad=False, input_grad=False))
+
+        with self.compute():
+            res = self.evaluator.stacked(params, [idx[c.id] for c in clients], seen)
+        for c, r in zip(clients, res, strict=True):
+            metrics = {}
+            if protocol == "yi" and r["batch_mean"] is not None:
+                metrics["acc_batch_mean"] = float(r["batch_mean"])
+            self._evals[protocol][c.id] = {"correct": r["correct"], "total": r["total"], "metrics": metrics}
+        self._sync()
+        self._eval_time[protocol] += time.perf_counter() - t0
+
     def _named_eval_metrics(self, round_metrics: dict, prefix: str = "") -> None:
         """Metrics the evaluator names (token loss, perplexity): per client, the global model's per round."""
         take = getattr(self.evaluator, "take_metrics", None)
@@ -422,9 +476,9 @@ class Simulation:
 
     def _joint(self, selected: list[int]) -> bool:
         m = self.method
-        if self.client_batching == "off" or len(selected) < 2 or not hasattr(m, "client_update_many"):
+        if self.client_batching == "off" or len(selected) < 2:
             return False
-        return m.batchable() and (self.client_batching == "on" or getattr(m, "batching_pays", False))
+        return m.batchable() and (self.client_batching == "on" or m.batching_pays_on(self.device))
 
     def _joint_updates(self, selected: list[int], w, rows: dict, uploads: list) -> None:
         """The participants' updates in one call of ``client_update_many`` (batched local training). The

@@ -114,14 +114,15 @@ class FlopMeter:
         if self._scope is None or self._tracing or not inputs or not isinstance(inputs[0], torch.Tensor):
             return
         x = inputs[0]
-        fwd = self._per_sample(m, x) * x.shape[0]
-        total = fwd
-        if isinstance(output, torch.Tensor) and output.requires_grad and torch.is_grad_enabled():
-            if any(p is not None and p.requires_grad for p in m._parameters.values()):
-                total += fwd
-            if x.requires_grad:
-                total += fwd
-        self._credit(total)
+        back = isinstance(output, torch.Tensor) and output.requires_grad and torch.is_grad_enabled()
+        trained = back and any(p is not None and p.requires_grad for p in m._parameters.values())
+        self._credit(self.call_macs(m, x, weight_grad=trained, input_grad=back and x.requires_grad))
+
+    def call_macs(self, m: nn.Module, x: torch.Tensor, *, weight_grad: bool, input_grad: bool) -> int:
+        """What one call of metered leaf ``m`` on ``x`` counts: its forward, plus one forward-equivalent
+        for the weight gradient and one for the input gradient where those are computed (for a joint
+        pass that runs the layer's arithmetic outside the module and credits each client its own call)."""
+        return self._per_sample(m, x) * x.shape[0] * (1 + int(weight_grad) + int(input_grad))
 
     def _credit(self, total: int) -> None:
         """Count ``total`` in the current scope; inside :meth:`batch_split`, split over its parties by their

@@ -220,6 +220,40 @@ class Method(abc.ABC):
         clients' test splits). Not overridden: the method has no global model."""
         return None
 
+    # --- optional: a round's participants in one batched pass (engine option --client-batching) ---------
+    def batchable(self) -> bool:
+        """Whether ``client_update_many`` trains the participants jointly, with exactly the training each
+        would do alone (same batches, steps, optimiser state, clip; equal within float tolerance). Default
+        False: the engine calls ``client_update`` per participant. A method opts in only where its local
+        training is its family's standard one (``FederatedLoRA``, ``StandardTraining``)."""
+        return False
+
+    @property
+    def batching_pays(self) -> bool:
+        """Whether ``--client-batching auto`` uses the joint pass on any device (default False)."""
+        return False
+
+    def batching_pays_on(self, device: torch.device) -> bool:
+        """Whether ``--client-batching auto`` uses the joint pass on ``device`` (a rule measured per device);
+        default: ``batching_pays``."""
+        return self.batching_pays
+
+    def predicts_with_model(self) -> bool:
+        """Whether evaluation is the default ``predict`` (the logits of the client's own "model", a CNN of
+        models/cnn.py) for every client: the engine may then evaluate the clients that share a CNN in one
+        stacked pass (with ``--client-batching``), the same predictions. False where ``predict`` is
+        overridden (a global model, prototypes, an adapter) or the family is not MHPFL."""
+        return self.family == "mhpfl" and getattr(self.predict, "__func__", None) is Method.predict
+
+    def client_update_many(self, clients: list[Client], payloads: list) -> list:
+        """``client_update`` of several participants, in order (called only when ``batchable``); returns their
+        uploads. Default: one by one, each client's MACs credited to it."""
+        ups = []
+        for c, p in zip(clients, payloads, strict=True):
+            with joint_pass([(c, 1)]):
+                ups.append(self.client_update(c, p))
+        return ups
+
 
 # --- helpers methods use -----------------------------------------------------------------------
 
@@ -276,6 +310,12 @@ def joint_pass(segments: list[tuple[Client, int]]):
     batch order; batched local training): the MACs of module calls inside it are credited to each client
     by its samples, exactly what the same calls on its batch alone count."""
     return segments[0][0]._rt.meter.batch_split([(c.id, n) for c, n in segments])
+
+
+def call_macs(client: Client, module: nn.Module, x: torch.Tensor, *, weight_grad: bool, input_grad: bool) -> int:
+    """What the engine's meter counts for one call of the metered leaf ``module`` on ``x`` (forward, plus the
+    weight and input gradients where computed): for a joint pass that runs a layer's arithmetic itself."""
+    return client._rt.meter.call_macs(module, x, weight_grad=weight_grad, input_grad=input_grad)
 
 
 def credit_macs(client: Client, macs: int) -> None:

@@ -12,6 +12,9 @@ Algorithm (per round, client k with heterogeneous local model f_k and homogeneou
 server:
     g = sum_k (n_k / sum n) g_k   (FedAvg-style, factor-wise for LoRA's A and B)
 where (+) is ``fc3(h) + s B A h`` for design H (head-lora) and ``f_k(x) + g(x)`` for design S.
+
+Client by client under ``--client-batching``: its training has two phases and an adapter
+beside the CNN, so it is not ``StandardTraining`` (not ``batchable``).
 """
 
 from __future__ import annotations
