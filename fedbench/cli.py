@@ -382,7 +382,7 @@ app.command("run", help=run.__doc__, no_args_is_help=False, cls=RunCommand, epil
 @app.command("list")
 def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, models, partitions or backbones")):
     """List methods (with paper, heterogeneity support and hyper-parameters), datasets, models, partitions, backbones."""
-    from fedbench.data.partition import PARTITIONERS
+    from fedbench.data.partition import PARTITIONERS, partitioner_class
     from fedbench.data.sources import DATASETS
     from fedbench.models.cnn import CNN_WIDTHS
     from fedbench.registry import methods
@@ -429,7 +429,10 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
             out.print(f"{name}: conv {c1}/{c2}, fc1 {f1}, h 500")
         out.print("hetero: client i gets CNN-(i mod 5 + 1)")
     elif what == "partitions":
-        out.print(", ".join(PARTITIONERS))
+        for name in PARTITIONERS:
+            cls = partitioner_class(name)
+            opts = ", ".join(hparams.option_name(k) for k in cls.parameters() if k in CORE_FIELDS)
+            out.print(f"{name}: {cls.about}" + (f" ({opts})" if opts else ""), markup=False)
     elif what == "backbones":
         from fedbench.models.backbones import BACKBONES, macs_per_sample
         for name, spec in BACKBONES.items():
@@ -895,7 +898,8 @@ PARTITION_OPTS = ("dataset", "partition", "clients", "classes_per_client", "alph
 def _partition_options(cfg) -> dict:
     """The options that made a native partition (those of its partitioner only)."""
     keys = ["partition", "clients", "seed", "val_fraction"]
-    keys += {"pathological": ["classes_per_client", "share_low"], "dirichlet": ["alpha", "min_size"]}.get(cfg.partition, [])
+    from fedbench.data.partition import partitioner_class
+    keys += [k for k in partitioner_class(cfg.partition).parameters() if k in CORE_FIELDS]
     return {k: getattr(cfg, k) for k in keys}
 
 

@@ -24,8 +24,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from torch import nn
 from fedbench.data.sources import DATASETS, Arrays, default_data_dir, load_dataset, load_npz
 from fedbench.data.transforms import AUGMENTATIONS, BatchTransform
 from fedbench.errors import ConfigError, choice_error
+from fedbench.files import file_sha256, write_atomic
 from fedbench.models.backbones import BACKBONES, Backbone, ResNet, backbone_spec
 from fedbench.seeding import derive, numpy_rng, torch_generator
 
@@ -173,14 +172,6 @@ def cache_paths(name: str, data_dir: Path, key: str) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 _DIGESTS: dict[tuple, str] = {}
 
 
@@ -197,21 +188,6 @@ def cifar100_digest(data_dir: Path) -> str:
     if memo not in _DIGESTS:
         _DIGESTS[memo] = load_npz(path, DATASETS["cifar100"]).digest
     return _DIGESTS[memo]
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the cache private to its writer
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _first_line(e: Exception) -> str:
@@ -568,7 +544,7 @@ def pretrain(name: str, data_dir: Path | str | None, *, recipe: Recipe | str | N
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     from safetensors.torch import save_file
-    _write_atomic(weights, lambda tmp: save_file(state, tmp, metadata={"backbone": name, "key": key}))
+    write_atomic(weights, lambda tmp: save_file(state, tmp, metadata={"backbone": name, "key": key}))
     sha = file_sha256(weights)
     metrics = {"cifar100_test_accuracy": test_acc, **{f"cifar100_{k}": v for k, v in train_stats.items()},
                "probe": probe}
@@ -581,7 +557,7 @@ def pretrain(name: str, data_dir: Path | str | None, *, recipe: Recipe | str | N
                     "total": round(time.perf_counter() - t0, 1)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return BackboneInfo(name, sha[:16], str(weights), rec.to_dict(), metrics, key, spec.arch_record(), trained_now=True)
 
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from fedbench.data.partition import make_partition, pathological_shares
+from fedbench.data.partition import make_partition
+from fedbench.data.partitioners.pathological import pathological_shares
 from fedbench.errors import ConfigError
 
 
