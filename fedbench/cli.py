@@ -434,8 +434,9 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
             opts = ", ".join(hparams.option_name(k) for k in cls.parameters() if k in CORE_FIELDS)
             out.print(f"{name}: {cls.about}" + (f" ({opts})" if opts else ""), markup=False)
     elif what == "backbones":
-        from fedbench.models.backbones import BACKBONES, macs_per_sample
-        for name, spec in BACKBONES.items():
+        from fedbench.models.backbones import BACKBONES, backbone_spec, macs_per_sample
+        for name in BACKBONES:
+            spec = backbone_spec(name)
             m = spec.build(10)
             n = sum(p.numel() for p in m.parameters() if not any(p is q for q in m.head.parameters()))
             out.print(f"{name}: {spec.about}; {n:,} parameters without the head, "

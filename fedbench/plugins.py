@@ -67,9 +67,9 @@ class Registry:
                 self.register(ep.name)(obj)
 
     def entries(self) -> dict[str, Any]:
-        """Every entry (the core's, then entry-point plugins'), by name, sorted."""
+        """Every entry by name, in registration order: the core's, then entry-point plugins'."""
         self._discover()
-        return dict(sorted(self._entries.items()))
+        return dict(self._entries)
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.entries())

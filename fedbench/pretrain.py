@@ -105,6 +105,10 @@ class Recipe:
         backbone_spec(name)
         if device not in RECIPE_PRESETS:
             raise choice_error("recipe preset", device, RECIPE_PRESETS)
+        if (name, device) not in PRESETS:
+            raise ConfigError(f"backbone {name} has no preset pretraining recipe; pretrain it with a Recipe "
+                              f"(fedbench.pretrain.pretrain(..., recipe=Recipe(...))), load weights with "
+                              f"--model-path, or run it with --backbone-init random")
         return PRESETS[(name, device)]
 
 
@@ -274,7 +278,7 @@ def _verified_state(weights: Path, sidecar: Path, fix: str) -> tuple[dict, dict[
 def _pretrain_hints(name: str, data_dir: Path, recipe: Recipe) -> tuple[str, str]:
     """How to create the cache of ``recipe`` (with its duration), and how to rebuild it."""
     for preset in RECIPE_PRESETS:
-        if PRESETS[(name, preset)] == recipe:
+        if PRESETS.get((name, preset)) == recipe:
             cmd = f"fedbench pretrain --backbone {name} --data-dir {data_dir}"
             if preset != default_device():
                 cmd += f" --recipe {preset}"

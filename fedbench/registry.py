@@ -30,7 +30,7 @@ def register_method(name: str):
 
 def methods() -> dict[str, type]:
     """Every registered method (the core's, then entry-point plugins'), by name, sorted."""
-    return METHODS.entries()
+    return dict(sorted(METHODS.entries().items()))
 
 
 def get_method(name: str) -> type:
