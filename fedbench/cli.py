@@ -845,7 +845,8 @@ def pretrain_cmd(
     import torch
 
     from fedbench.data.sources import default_data_dir
-    from fedbench.pretrain import RECIPE_PRESETS, backbone_names, pretrain, resolve_recipe
+    from fedbench.models.loading import RECIPE_PRESETS, resolve_recipe
+    from fedbench.pretrain import backbone_names, pretrain
 
     todo = backbone_names(backbone)
     if threads < 0:

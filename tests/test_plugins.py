@@ -57,9 +57,9 @@ def test_plugin_partitioner_counts_follow_the_seed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(install(tmp_path)))
     from fedbench_demo_plugin.quantity_skew import QuantitySkewPartitioner
 
-    y = np.repeat(np.arange(10), 50)
+    y = np.repeat(np.arange(10), 100)
     labels = {"train": y, "val": y[:100], "test": y[:100]}
-    p = QuantitySkewPartitioner(alpha=1.0)
+    p = QuantitySkewPartitioner(alpha=5.0)
     counts = [p.partition(labels, 10, 5, np.random.default_rng(s)).class_counts(y) for s in (0, 0, 1)]
     assert (counts[0] == counts[1]).all()
     assert (counts[0] != counts[2]).any()

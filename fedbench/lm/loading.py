@@ -34,7 +34,7 @@ from fedbench.errors import ConfigError
 from fedbench.files import file_sha256, write_atomic
 from fedbench.lm.data import CharTokenizer, HFTokenizer
 from fedbench.lm.models import CharLM, HFCausalLM, token_loss
-from fedbench.pretrain import _first_line
+from fedbench.models.loading import _first_line
 from fedbench.seeding import derive
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"

@@ -244,7 +244,7 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def build_backbone(name: str, num_classes: int) -> Backbone:
-    """A freshly initialised backbone (torch's global RNG; see ``pretrain.load_backbone`` for seeding)."""
+    """A freshly initialised backbone (torch's global RNG; see ``fedbench.models.loading.seeded_backbone`` for seeding)."""
     return backbone_spec(name).build(num_classes)
 
 
