@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbench.data.catalog import DATASETS, TEXT_DATASETS, DatasetInfo, dataset_info  # noqa: F401 (re-exported)
+from fedbench.data.catalog import DATASETS, TEXT_DATASETS, DatasetInfo, dataset_info
 from fedbench.errors import ConfigError
 from fedbench.files import write_atomic
 
