@@ -72,6 +72,7 @@ class Registry:
         return dict(self._entries)
 
     def names(self) -> tuple[str, ...]:
+        """Every entry's name, in registration order."""
         return tuple(self.entries())
 
     def get(self, name: str) -> Any:

@@ -37,6 +37,7 @@ class Partition:
 
     @property
     def num_clients(self) -> int:
+        """How many clients the partition has."""
         return len(self.indices["train"])
 
     def class_counts(self, labels: np.ndarray, split: str = "train") -> np.ndarray:
@@ -44,9 +45,11 @@ class Partition:
         return np.stack([np.bincount(labels[ix], minlength=self.num_classes) for ix in self.indices[split]])
 
     def sizes(self, split: str) -> np.ndarray:
+        """Samples per client in ``split``."""
         return np.array([len(ix) for ix in self.indices[split]], dtype=np.int64)
 
     def digest(self) -> str:
+        """sha256 of every client's index array of every split, first 16 hex digits."""
         h = hashlib.sha256()
         for split in SPLITS:
             for ix in self.indices[split]:
@@ -122,9 +125,11 @@ class SharePartitioner(Partitioner):
 
     def shares(self, train_labels: np.ndarray, num_classes: int, num_clients: int,
                rng: np.random.Generator) -> np.ndarray:
+        """The (clients, classes) share matrix: client j gets share[j, c] of class c of every split."""
         raise NotImplementedError
 
     def split(self, labels, num_classes, num_clients, rng):
+        """Every split cut by the one share matrix drawn from the training labels."""
         shares = self.shares(labels["train"], num_classes, num_clients, rng)
         return {s: cut_by_shares(labels[s], num_classes, shares, rng) for s in SPLITS}
 
