@@ -18,7 +18,7 @@ class DatasetInfo:
     torchvision_class: str | None
 
 
-# Normalisation of the pFedLoRA authors' code (spec A.1): CIFAR-10 uses the ImageNet statistics.
+# Normalisation of the pFedLoRA authors' code: CIFAR-10 uses the ImageNet statistics.
 DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo("cifar10", 10, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2, "CIFAR10"),
     "cifar100": DatasetInfo("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10, "CIFAR100"),
