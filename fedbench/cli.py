@@ -341,7 +341,7 @@ app.command("run", help=run.__doc__, no_args_is_help=False, cls=RunCommand, epil
 @app.command("list")
 def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, models, partitions or backbones")):
     """List methods (with paper, heterogeneity support and hyper-parameters), datasets, models, partitions, backbones."""
-    from fedbench.data.partition import PARTITIONERS
+    from fedbench.data.partition import PARTITIONERS, partitioner_class
     from fedbench.data.sources import DATASETS
     from fedbench.models.cnn import CNN_WIDTHS
     from fedbench.presets import describe as describe_preset
@@ -393,10 +393,14 @@ def list_cmd(what: str = typer.Argument("methods", help="methods, datasets, mode
             out.print(f"{name}: conv {c1}/{c2}, fc1 {f1}, h 500")
         out.print("hetero: client i gets CNN-(i mod 5 + 1)")
     elif what == "partitions":
-        out.print(", ".join(PARTITIONERS))
+        for name in PARTITIONERS:
+            cls = partitioner_class(name)
+            opts = ", ".join(hparams.option_name(k) for k in cls.parameters() if k in CORE_FIELDS)
+            out.print(f"{name}: {cls.about}" + (f" ({opts})" if opts else ""), markup=False)
     elif what == "backbones":
-        from fedbench.models.backbones import BACKBONES, macs_per_sample
-        for name, spec in BACKBONES.items():
+        from fedbench.models.backbones import BACKBONES, backbone_spec, macs_per_sample
+        for name in BACKBONES:
+            spec = backbone_spec(name)
             m = spec.build(10)
             n = sum(p.numel() for p in m.parameters() if not any(p is q for q in m.head.parameters()))
             out.print(f"{name}: {spec.about}; {n:,} parameters without the head, "
@@ -690,7 +694,8 @@ def pretrain_cmd(
     import torch
 
     from fedbench.data.sources import default_data_dir
-    from fedbench.pretrain import RECIPE_PRESETS, backbone_names, pretrain, resolve_recipe
+    from fedbench.models.loading import RECIPE_PRESETS, resolve_recipe
+    from fedbench.pretrain import backbone_names, pretrain
 
     todo = backbone_names(backbone)
     if threads < 0:
@@ -746,7 +751,8 @@ PARTITION_OPTS = ("dataset", "partition", "clients", "classes_per_client", "alph
 def _partition_options(cfg) -> dict:
     """The options that made a native partition (those of its partitioner only)."""
     keys = ["partition", "clients", "seed", "val_fraction"]
-    keys += {"pathological": ["classes_per_client", "share_low"], "dirichlet": ["alpha", "min_size"]}.get(cfg.partition, [])
+    from fedbench.data.partition import partitioner_class
+    keys += [k for k in partitioner_class(cfg.partition).parameters() if k in CORE_FIELDS]
     return {k: getattr(cfg, k) for k in keys}
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedbench import hparams
-from fedbench.data.partition import PARTITIONERS
+from fedbench.data.partition import PARTITIONERS, partitioner_for
 from fedbench.data.sources import DATASETS, TEXT_DATASETS, dataset_info
 from fedbench.data.transforms import AUGMENTATIONS
 from fedbench.errors import ConfigError
@@ -208,8 +208,7 @@ def make_config(values: dict[str, Any], device_type: str | None = None) -> RunCo
     K = info.num_classes
     if cfg.classes_per_client == 0:
         cfg = dataclasses.replace(cfg, classes_per_client=info.default_classes_per_client)
-    if cfg.partition == "pathological" and cfg.classes_per_client > K:
-        raise ConfigError(f"--classes-per-client {cfg.classes_per_client} exceeds the {K} classes of {cfg.dataset}")
+    partitioner_for(cfg).check(K, cfg.dataset)
     if (cfg.dataset in TEXT_DATASETS) != (cfg.partition == "natural"):
         raise ConfigError(f"--partition {cfg.partition} with --dataset {cfg.dataset}: the natural partition is "
                           f"that of the naturally partitioned datasets ({', '.join(TEXT_DATASETS)}), and theirs only")

@@ -18,6 +18,7 @@ arguments (``RunSettings``), never as environment variables of the worker.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue
@@ -59,15 +60,15 @@ def perform(cfg_json: str, settings: RunSettings, emit, arrays=None, also: tuple
     try:
         import torch
 
+        from fedbench.config import config_from_dict
         from fedbench.runner import prepare, simulate
-        from fedbench.worker import config_from_json
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
         if settings.partition_files:
             from fedbench.data.partition_file import read_partition_file, register
             for path in settings.partition_files:
                 register(read_partition_file(path))
-        p = prepare(config_from_json(cfg_json), settings.data_dir, settings.device, arrays=arrays)
+        p = prepare(config_from_dict(json.loads(cfg_json)), settings.data_dir, settings.device, arrays=arrays)
         simulate(p, lambda rec: emit(("start", rec)), lambda r: emit(("round", r)),
                  prefetch=settings.prefetch_flag(), also_protocols=tuple(also))
     except Exception as e:

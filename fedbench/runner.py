@@ -71,7 +71,7 @@ def load_shared_backbone(cfg: RunConfig, data_dir) -> tuple[torch.nn.Module, dic
     if req["name"] in LM_BACKBONES:
         module, info, _ = load_language_backbone(cfg, data_dir, req)
         return module, info
-    from fedbench.pretrain import load_backbone
+    from fedbench.models.loading import load_backbone
     module, info = load_backbone(req["name"], cfg.num_classes, data_dir, model_path=req["model_path"] or None,
                                  init=req["init"], seed=cfg.seed)
     cfg.method_class().check_backbone(params, cfg, module)

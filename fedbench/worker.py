@@ -7,15 +7,9 @@ fedbench/executors.py); it never opens the results store: the sweep's driver per
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import sys
-
-
-def config_from_json(text: str):
-    from fedbench.config import config_from_dict
-    return config_from_dict(json.loads(text))
 
 
 def main(argv=None) -> int:

@@ -13,17 +13,8 @@ from fedbench.cli import main
 from fedbench.data.sources import load_dataset
 from fedbench.errors import ConfigError
 from fedbench.models.backbones import BACKBONES, Attention, ResNet, ViT, build_backbone
-from fedbench.pretrain import (
-    Recipe,
-    cache_key,
-    cache_paths,
-    linear_probe,
-    linear_probe_details,
-    load_backbone,
-    pretrain,
-    read_state,
-    seeded_backbone,
-)
+from fedbench.models.loading import Recipe, cache_key, cache_paths, load_backbone, read_state, seeded_backbone
+from fedbench.pretrain import linear_probe, linear_probe_details, pretrain
 
 TINY = Recipe(epochs=1, batch_size=64, optimizer="sgd", lr=0.05, weight_decay=5e-4, warmup_epochs=0.5)
 
@@ -258,7 +249,7 @@ def test_cli_errors_one_line(argv, message, capsys, tmp_path):
 
 
 def test_cli_pretrain_reuses_cache(data_dir, cached, capsys, monkeypatch):
-    import fedbench.pretrain as pt
+    import fedbench.models.loading as pt
     monkeypatch.setitem(pt.PRESETS, ("resnet", "cpu"), TINY)  # the tiny recipe as the CPU preset
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--backbone", "resnet", "--data-dir", str(data_dir), "--recipe", "cpu"])
@@ -270,7 +261,7 @@ def test_cli_pretrain_reuses_cache(data_dir, cached, capsys, monkeypatch):
 def test_cli_pretrain_trains_with_progress(data_dir, cached, capsys, monkeypatch, tmp_path):
     import shutil
 
-    import fedbench.pretrain as pt
+    import fedbench.models.loading as pt
     d = tmp_path / "copy"
     shutil.copytree(data_dir, d)
     monkeypatch.setitem(pt.PRESETS, ("resnet", "cpu"), TINY)

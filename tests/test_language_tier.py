@@ -320,7 +320,7 @@ def test_smollm2_one_fedit_round(tmp_path):
                        "min_role_lines": 2, "test_fraction": 0.01, "optimizer": "adamw", "lr": 1e-3,
                        "targets": "q_proj,v_proj", "rank": 2, "eval_every": 5}, "cpu")
     p = prepare(cfg, tmp_path, "cpu")
-    from fedbench.pretrain import file_sha256
+    from fedbench.files import file_sha256
     assert p.backbone_info["digest"] == file_sha256(path)[:16]  # the GGUF's digest is in the run identity
     rec = simulate(p)
     row = [r for r in rec.rounds[0].rows if r.selected][0]

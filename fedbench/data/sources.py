@@ -10,34 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedbench.errors import ConfigError, choice_error
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    default_classes_per_client: int
-    torchvision_class: str | None
-
-
-# Normalisation of the pFedLoRA authors' code (spec A.1): CIFAR-10 uses the ImageNet statistics.
-DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo("cifar10", 10, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 2, "CIFAR10"),
-    "cifar100": DatasetInfo("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 10, "CIFAR100"),
-    "synthetic": DatasetInfo("synthetic", 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 2, None),
-    # the language tier (fedbench/data/shakespeare.py): clients are (play, role), tokens are the backbone's
-    "shakespeare": DatasetInfo("shakespeare", 1, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1, None),
-}
-TEXT_DATASETS = ("shakespeare",)
+from fedbench.data.catalog import DATASETS, TEXT_DATASETS, DatasetInfo, dataset_info
+from fedbench.errors import ConfigError
+from fedbench.files import write_atomic
 
 
 @dataclass
@@ -51,12 +31,6 @@ class Arrays:
     y_test: np.ndarray
     digest: str
     source: str
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise choice_error("dataset", name, DATASETS)
-    return DATASETS[name]
 
 
 def default_data_dir() -> Path:
@@ -108,15 +82,12 @@ def load_npz(path: Path, info: DatasetInfo) -> Arrays:
 
 
 def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``arrays`` as one .npz file at ``path``, atomically (through an open file: numpy appends ``.npz`` to a
+    file name that lacks it, which a temporary name does)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    write_atomic(path, write)
 
 
 def download_torchvision(info: DatasetInfo, data_dir: Path) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedbench.data.partition import SPLITS, Partition, make_partition
+from fedbench.data.partition import SPLITS, Partition, partitioner_for
 from fedbench.data.sources import Arrays
 from fedbench.data.transforms import BatchTransform
 from fedbench.errors import ConfigError
@@ -47,9 +47,8 @@ def split_rows(arrays: Arrays, cfg) -> tuple[dict[str, np.ndarray], Partition]:
     rows = {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val]), "test": np.arange(len(arrays.y_test))}
     y = {"train": arrays.y_train, "val": arrays.y_train, "test": arrays.y_test}
     split_labels = {s: y[s][rows[s]] for s in SPLITS}
-    part = make_partition(cfg.partition, split_labels, arrays.info.num_classes, cfg.clients,
-                          numpy_rng(cfg.seed, "partition"), classes_per_client=cfg.classes_per_client,
-                          alpha=cfg.alpha, min_size=cfg.min_size, share_low=cfg.share_low)
+    part = partitioner_for(cfg).partition(split_labels, arrays.info.num_classes, cfg.clients,
+                                          numpy_rng(cfg.seed, "partition"))
     return rows, part
 
 

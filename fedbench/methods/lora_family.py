@@ -46,13 +46,16 @@ import torch.nn.functional as F
 
 from fedbench.errors import ConfigError
 from fedbench.hparams import hparam
+from fedbench.lm import LM_BACKBONES
 from fedbench.lora import algebra
 from fedbench.lora.batched import JointTrainer, Member, OptimSettings
 from fedbench.lora.layers import TARGET_PRESETS, Target, activate, adapter_spec, find_targets, inject, scaling
 from fedbench.methods.base import Client, Method, Server, Upload, credit_macs, joint_pass
+from fedbench.models.backbones import BACKBONE_REGISTRY
 from fedbench.models.cnn import ModuleSpec, linear_spec
+from fedbench.plugins import Names
 
-BACKBONES = ("vit", "resnet", "smollm2", "char-lm")  # the last two: language tier (fedbench/lm)
+BACKBONES = Names(BACKBONE_REGISTRY, extra=lambda: LM_BACKBONES)  # registered image backbones, language tier
 HEADS = ("shared", "local", "frozen")
 EVALUATIONS = ("personalised", "global")  # the evaluation kinds a method may have (FederatedLoRA.evaluations)
 RANK_SCALINGS = ("constant", "per-rank", "sqrt")

@@ -1,5 +1,10 @@
 """Small backbones for 32x32 RGB input, pretrained offline on CIFAR-100 (``fedbench/pretrain.py``) and
-fine-tuned with LoRA in federated runs.
+fine-tuned with LoRA in federated runs, and the registry of backbones.
+
+A backbone is one class registered by name: ``@register_backbone("name")`` on a :class:`Backbone`
+subclass whose class attributes ``arch`` (its architecture hyper-parameters, keyword arguments of its
+constructor and part of the pretrained cache key) and ``about`` (one line) describe it; a separate
+package adds one through entry points in group ``fedbench.backbones`` naming the class.
 
 Every backbone has the same interface (the LoRA engine relies on it exactly):
 
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbench.errors import choice_error
+from fedbench.plugins import Names, Registry
 
 # Bump when a change to this file alters what a given set of hyper-parameters computes: it is part of
 # the pretrained cache key, so stale caches are never reused.
@@ -37,10 +42,13 @@ ARCH_VERSION = 1
 
 
 class Backbone(nn.Module):
-    """Base class: subclasses build their body, call ``_make_head`` and implement ``features``."""
+    """Base class: subclasses build their body, call ``_make_head`` and implement ``features``. The
+    constructor takes ``num_classes`` and the keyword arguments of ``arch``."""
 
     feature_dim: int
     head: nn.Linear
+    arch: dict[str, Any] = {}  # the registered architecture: constructor keywords (part of the cache key)
+    about: str = ""  # one line for `fedbench list backbones`
 
     def _make_head(self, feature_dim: int, num_classes: int) -> None:
         self.feature_dim = feature_dim
@@ -51,6 +59,14 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+BACKBONE_REGISTRY = Registry("backbone", "fedbench.backbones", core=())  # the core's register below
+
+
+def register_backbone(name: str):
+    """Class decorator: register a :class:`Backbone` subclass (with its ``arch`` and ``about``) under ``name``."""
+    return BACKBONE_REGISTRY.register(name)
 
 
 # --------------------------------------------------------------------------- ViT
@@ -113,7 +129,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@register_backbone("vit")
 class ViT(Backbone):
+    arch = {"dim": 128, "depth": 4, "heads": 4, "mlp_ratio": 2, "patch": 4}
+    about = "ViT, 4x4 patches (64 tokens), dim 128, depth 4, 4 heads, MLP 256"
+
     def __init__(self, num_classes: int, dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: int = 2,
                  patch: int = 4, image: int = 32):
         super().__init__()
@@ -165,7 +185,11 @@ class BasicBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
+@register_backbone("resnet")
 class ResNet(Backbone):
+    arch = {"widths": (32, 64, 128), "blocks": (1, 1, 1)}
+    about = "CIFAR ResNet-8, widths 32-64-128, one BasicBlock per stage"
+
     def __init__(self, num_classes: int, widths: tuple[int, ...] = (32, 64, 128), blocks: tuple[int, ...] = (1, 1, 1)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -210,22 +234,17 @@ class BackboneSpec:
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in self.arch.items()}}
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "vit": BackboneSpec(ViT, {"dim": 128, "depth": 4, "heads": 4, "mlp_ratio": 2, "patch": 4},
-                        "ViT, 4x4 patches (64 tokens), dim 128, depth 4, 4 heads, MLP 256"),
-    "resnet": BackboneSpec(ResNet, {"widths": (32, 64, 128), "blocks": (1, 1, 1)},
-                           "CIFAR ResNet-8, widths 32-64-128, one BasicBlock per stage"),
-}
+BACKBONES = Names(BACKBONE_REGISTRY)  # the names, listed when asked (plugins included)
 
 
 def backbone_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise choice_error("backbone", name, BACKBONES)
-    return BACKBONES[name]
+    """The registered backbone ``name`` with its architecture; ``ConfigError`` naming the choices otherwise."""
+    cls = BACKBONE_REGISTRY.get(name)
+    return BackboneSpec(cls, dict(cls.arch), cls.about)
 
 
 def build_backbone(name: str, num_classes: int) -> Backbone:
-    """A freshly initialised backbone (torch's global RNG; see ``pretrain.load_backbone`` for seeding)."""
+    """A freshly initialised backbone (torch's global RNG; see ``fedbench.models.loading.seeded_backbone`` for seeding)."""
     return backbone_spec(name).build(num_classes)
 
 
