@@ -9,7 +9,7 @@ From Python, :mod:`fedbench.api` (``import fedbench.api as fb``: ``fb.run``, ``f
 ``import fedbench`` stays light.
 """
 
-__version__ = "0.1.0"
+from fedbench._version import __version__ as __version__
 
 # not sweep and report: fedbench.sweep and fedbench.report are modules
 _FROM_API = ("ConfigError", "export", "open_results", "run")

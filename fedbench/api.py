@@ -31,7 +31,7 @@ import pandas as pd
 
 from fedbench.callbacks import RunCallback, RunInfo
 from fedbench.errors import ConfigError, choice_error
-from fedbench.trackers.export import Exported, export
+from fedbench.trackers.export import Exported
 
 if TYPE_CHECKING:
     from fedbench.config import RunConfig
@@ -653,6 +653,55 @@ class Results:
             info = build_report(store, out, statistic, weighting, target, filters.get("sweep"), None, focus,
                                 command=command, population=population, run_ids=ids, test=test)
         return Report(out, info["runs"], info["tables"], [Path(f) for f in info["files"]])
+
+
+def export(results: str | Path, to: str, where: str | None = None, *, figures: bool = True,
+           experiment: str = "fedbench", project: str = "fedbench", run_ids: Iterable[str] | None = None,
+           **filters: Any) -> list[Exported]:
+    """Send runs of a results store to a tracker.
+
+    Args:
+        results: the results store.
+        to: ``tensorboard``, ``mlflow`` or ``wandb`` (its extra installed).
+        where: tensorboard: the log folder (default ``runs``); mlflow: a tracking URI or a local folder
+            (default ``$MLFLOW_TRACKING_URI``, else ``mlruns``); wandb: the folder of its ``wandb/`` run
+            folders (default ``.``; offline unless ``$WANDB_MODE`` is ``online``).
+        figures: attach the figures of each run's own report (complete runs).
+        experiment: the MLflow experiment.
+        project: the W&B project.
+        run_ids: these runs (any status); default every complete run matching ``filters``.
+        **filters: which runs, as :class:`Results` takes them (``method``, ``seed``, ...).
+
+    Returns:
+        One :class:`Exported` per run, in the store's order.
+
+    Raises:
+        ConfigError: an unknown tracker or one whose extra is missing, a missing store, no matching run.
+    """
+    from fedbench.report.build import no_runs_error
+    from fedbench.trackers import make_tracker, require
+    from fedbench.trackers.export import send_run
+
+    require(to, "--to")
+    res = Results(results)
+    if run_ids is not None:
+        wanted = list(dict.fromkeys(run_ids))
+        ids = res.runs(status=None, run_id=wanted, **filters)["run_id"].tolist()
+        missing = [r for r in wanted if r not in ids]
+        if missing:
+            from fedbench.errors import ConfigError
+            raise ConfigError(f"--run {missing[0]} is not in {res.path}" + (" (or not matched by the filters)"
+                                                                           if filters else ""))
+    else:
+        ids = res.runs(**filters)["run_id"].tolist()
+        if not ids:
+            raise no_runs_error(res.path, filters)
+    out = []
+    with res._store() as store:
+        for run_id in ids:
+            out.append(send_run(store, run_id, make_tracker(to, where, experiment=experiment, project=project),
+                                figures))
+    return out
 
 
 def open_results(path: str | Path = DEFAULT_RESULTS) -> Results:

@@ -620,7 +620,7 @@ def export_cmd(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="attach the figures of each run's own report"),
 ):
     """Send stored runs to an experiment tracker: per-round metrics, config, provenance, figures."""
-    from fedbench.trackers.export import export
+    from fedbench.api import export
 
     filters = {k: v for k, v in (("sweep", sweep), ("method", method), ("dataset", dataset), ("protocol", protocol))
                if v is not None}

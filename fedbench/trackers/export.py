@@ -5,11 +5,9 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from fedbench.callbacks import RunCallback, RunInfo
-from fedbench.trackers import Tracker, make_tracker, parse_target, require
+from fedbench.trackers import Tracker, make_tracker, parse_target
 from fedbench.trackers.source import round_scalars, run_figures, run_meta
 
 
@@ -41,54 +39,6 @@ def _attach_figures(store, run_id: str, tracker: Tracker) -> None:
         tracker.artifacts(files)
     finally:
         shutil.rmtree(files[-1].parent, ignore_errors=True)
-
-
-def export(results: str | Path, to: str, where: str | None = None, *, figures: bool = True,
-           experiment: str = "fedbench", project: str = "fedbench", run_ids: Iterable[str] | None = None,
-           **filters: Any) -> list[Exported]:
-    """Send runs of a results store to a tracker.
-
-    Args:
-        results: the results store.
-        to: ``tensorboard``, ``mlflow`` or ``wandb`` (its extra installed).
-        where: tensorboard: the log folder (default ``runs``); mlflow: a tracking URI or a local folder
-            (default ``$MLFLOW_TRACKING_URI``, else ``mlruns``); wandb: the folder of its ``wandb/`` run
-            folders (default ``.``; offline unless ``$WANDB_MODE`` is ``online``).
-        figures: attach the figures of each run's own report (complete runs).
-        experiment: the MLflow experiment.
-        project: the W&B project.
-        run_ids: these runs (any status); default every complete run matching ``filters``.
-        **filters: which runs, as :class:`fedbench.api.Results` takes them (``method``, ``seed``, ...).
-
-    Returns:
-        One :class:`Exported` per run, in the store's order.
-
-    Raises:
-        ConfigError: an unknown tracker or one whose extra is missing, a missing store, no matching run.
-    """
-    from fedbench.api import Results
-    from fedbench.report.build import no_runs_error
-
-    require(to, "--to")
-    res = Results(results)
-    if run_ids is not None:
-        wanted = list(dict.fromkeys(run_ids))
-        ids = res.runs(status=None, run_id=wanted, **filters)["run_id"].tolist()
-        missing = [r for r in wanted if r not in ids]
-        if missing:
-            from fedbench.errors import ConfigError
-            raise ConfigError(f"--run {missing[0]} is not in {res.path}" + (" (or not matched by the filters)"
-                                                                           if filters else ""))
-    else:
-        ids = res.runs(**filters)["run_id"].tolist()
-        if not ids:
-            raise no_runs_error(res.path, filters)
-    out = []
-    with res._store() as store:
-        for run_id in ids:
-            out.append(send_run(store, run_id, make_tracker(to, where, experiment=experiment, project=project),
-                                figures))
-    return out
 
 
 class TrackerCallback(RunCallback):

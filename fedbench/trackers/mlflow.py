@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from fedbench.trackers import RunMeta, Tracker
+from fedbench.trackers.base import RunMeta, Tracker
 
 BATCH = 1000  # MLflow's limit of metrics per log_batch; params: 100
 

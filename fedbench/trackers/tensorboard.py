@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fedbench.trackers import RunMeta, Tracker
+from fedbench.trackers.base import RunMeta, Tracker
 
 
 class TensorBoardTracker(Tracker):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fedbench.trackers import RunMeta, Tracker
+from fedbench.trackers.base import RunMeta, Tracker
 
 
 class WandbTracker(Tracker):
