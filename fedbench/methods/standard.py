@@ -60,9 +60,9 @@ class StandardTraining(Method):
     def batching_pays_on(self, device: torch.device) -> bool:
         """``--client-batching auto``: the stacked pass on CUDA, where a client-by-client loop of small CNNs
         is bound by kernel launches (not measured yet: benchmarks/batched_clients.py is the script); client by
-        client on the CPU, where benchmarks/batched_clients.py measured it 1.51x faster only at N = 50, batch 10
-        (0.82x at N = 10, 0.91-0.93x at batch 64; docs/batched-clients.md) and where stored runs keep their
-        numbers bit for bit (the stacked pass equals them within float tolerance only)."""
+        client on the CPU, where benchmarks/batched_clients.py measured it slower in every setting on a quiet
+        machine (0.82-0.99x; docs/batched-clients.md) and where stored runs keep their numbers bit for bit
+        (the stacked pass equals them within float tolerance only)."""
         return device.type == "cuda"
 
     def local_steps_of(self, client: Client) -> int:
