@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from fedbench.engine.lockstep import lockstep
+
 CONVS = ("conv1", "conv2")
 LINEARS = ("fc1", "fc2", "fc3")
 LAYERS = CONVS + LINEARS
@@ -128,23 +130,7 @@ class StackedTrainer:
         self.cpu = next(iter(self.P.values())).device.type == "cpu"
 
     def run(self) -> None:
-        iters = [iter(m.batches) for m in self.members]
-        active = len(iters)
-        while active:
-            batch = []
-            for c in range(active):
-                item = next(iters[c], None)
-                if item is None:
-                    break
-                batch.append(item)
-            if len(batch) < active:  # the exhausted clients must be the rest of the stack
-                for c in range(len(batch) + 1, active):
-                    if next(iters[c], None) is not None:
-                        raise RuntimeError("stacked training: a client ran out of batches before one expected "
-                                           "to take fewer steps (the step counts were wrong)")
-                active = len(batch)
-                if not active:
-                    break
+        for batch in lockstep((m.batches for m in self.members), "stacked training"):
             self.step(batch)
         self.write_back()
 

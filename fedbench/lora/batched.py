@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedbench.engine.lockstep import lockstep
 from fedbench.lora.layers import LoRALayer, activate
 
 
@@ -215,24 +216,8 @@ class JointTrainer:
 
     # --- the loop ---------------------------------------------------------------------------------------
     def run(self) -> None:
-        iters = [iter(m.batches) for m in self.members]
-        active = len(iters)
-        while active:
-            batch = []
-            for c in range(active):
-                item = next(iters[c], None)
-                if item is None:
-                    break
-                batch.append(item)
-            if len(batch) < active:  # the exhausted clients must be the rest of the stack
-                for c in range(len(batch) + 1, active):
-                    if next(iters[c], None) is not None:
-                        raise RuntimeError("joint training: a client ran out of batches before one expected "
-                                           "to take fewer steps (the step counts were wrong)")
-                active = len(batch)
-                if not active:
-                    break
-            self.step(active, batch)
+        for batch in lockstep((m.batches for m in self.members), "joint training"):
+            self.step(len(batch), batch)
         self.write_back()
 
     def step(self, active: int, batch: list) -> None:

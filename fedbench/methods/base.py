@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -163,6 +164,14 @@ class Method(abc.ABC):
     @classmethod
     def label(cls, params) -> str:
         return cls.name
+
+    def local_steps_of(self, client) -> int:
+        """Batches of one local training of ``client`` (``client.batches(run.epochs)``): ``--local-steps``
+        where set, else epochs x ceil(n_train / batch size). What a joint or stacked pass plans with."""
+        run = self.run
+        if getattr(run, "local_steps", 0) > 0:
+            return run.local_steps
+        return run.epochs * math.ceil(client.n_train / run.batch_size)
 
     @classmethod
     def warmup_rounds(cls, params) -> int:

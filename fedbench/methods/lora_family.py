@@ -372,13 +372,6 @@ class FederatedLoRA(Method):
         0.61x at 10)."""
         return all(t.kind == "linear" for t in self.targets) and getattr(self.server.backbone, "joint_pass_pays", True)
 
-    def local_steps_of(self, client: Client) -> int:
-        """Batches of one local training pass (``client.batches(epochs)``)."""
-        run = self.run
-        if getattr(run, "local_steps", 0) > 0:
-            return run.local_steps
-        return run.epochs * math.ceil(client.n_train / run.batch_size)
-
     def client_update_many(self, clients: list[Client], payloads: list) -> list:
         """``client_update`` of every participant, trained jointly (fedbench/lora/batched.py): install each
         download, run all local trainings in one batched pass per step, then record and upload each.

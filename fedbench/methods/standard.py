@@ -15,7 +15,6 @@ not ``batchable``: FedLoRA (adapter and two phases), FD and FedProto (regularise
 
 from __future__ import annotations
 
-import math
 from itertools import groupby
 
 import torch
@@ -64,13 +63,6 @@ class StandardTraining(Method):
         machine (0.82-0.99x; docs/batched-clients.md) and where stored runs keep their numbers bit for bit
         (the stacked pass equals them within float tolerance only)."""
         return device.type == "cuda"
-
-    def local_steps_of(self, client: Client) -> int:
-        """Batches of one local training (``client.batches(run.epochs)``)."""
-        run = self.run
-        if getattr(run, "local_steps", 0) > 0:
-            return run.local_steps
-        return run.epochs * math.ceil(client.n_train / run.batch_size)
 
     def client_update_many(self, clients: list[Client], payloads: list) -> list:
         """``client_update`` of every participant: installs, then each group of participants sharing a CNN
