@@ -37,7 +37,7 @@ import statistics
 import time
 
 import torch
-from batched_round import cpu_model, matmul_peak
+from batched_round import cpu_model, interleaved_rounds, matmul_peak
 
 from fedbench.config import make_config
 from fedbench.engine.simulation import Simulation, resolve_device
@@ -60,15 +60,8 @@ def simulation(device: torch.device, values: dict, batching: str, a) -> Simulati
 
 
 def measure(device: torch.device, n: int, c: float, batch: int, a) -> dict[str, dict]:
-    sims = {b: simulation(device, run_config(n, c, batch, a), b, a) for b in ("off", "on")}
-    rounds: dict[str, list] = {b: [] for b in sims}
-    try:
-        for t in range(1, a.rounds + 1):
-            for b, sim in sims.items():
-                rounds[b].append(sim.run_round(t))
-    finally:
-        for sim in sims.values():
-            sim.close()
+    rounds = interleaved_rounds({b: simulation(device, run_config(n, c, batch, a), b, a) for b in ("off", "on")},
+                                a.rounds)
     out = {}
     for b, rs in rounds.items():
         timed = rs[1:] or rs

@@ -77,18 +77,24 @@ def simulation(device: torch.device, participants: int, batching: str, a, tier: 
     return Simulation(cfg, p.data, p.device, backbone=p.backbone, client_batching=batching)
 
 
-def measure(device: torch.device, participants: int, a, tier: str = "vision") -> dict[str, dict]:
-    """Both paths on the same workload, their rounds interleaved (off t, on t, off t+1, ...) so that a
-    busy neighbour slows both alike."""
-    sims = {b: simulation(device, participants, b, a, tier) for b in ("off", "on")}
-    rounds: dict[str, list] = {b: [] for b in sims}
+def interleaved_rounds(sims: dict, rounds: int) -> dict[str, list]:
+    """Rounds 1..``rounds`` of each simulation, interleaved (a's round t, b's round t, a's t+1, ...) so that
+    a busy neighbour slows every path alike; each simulation's round results; the simulations closed."""
+    out: dict[str, list] = {b: [] for b in sims}
     try:
-        for t in range(1, a.rounds + 1):
+        for t in range(1, rounds + 1):
             for b, sim in sims.items():
-                rounds[b].append(sim.run_round(t))
+                out[b].append(sim.run_round(t))
     finally:
         for sim in sims.values():
             sim.close()
+    return out
+
+
+def measure(device: torch.device, participants: int, a, tier: str = "vision") -> dict[str, dict]:
+    """Both paths on the same workload, their rounds interleaved (off t, on t, off t+1, ...) so that a
+    busy neighbour slows both alike."""
+    rounds = interleaved_rounds({b: simulation(device, participants, b, a, tier) for b in ("off", "on")}, a.rounds)
     out = {}
     for b, rs in rounds.items():
         timed = rs[1:] or rs
