@@ -14,6 +14,7 @@ numpy Generator it is given, and draws every random number from it.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def cut_by_shares(labels: np.ndarray, num_classes: int, shares: np.ndarray, rng)
     return [np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for p in parts]
 
 
-class Partitioner:
+class Partitioner(abc.ABC):
     """Splits labelled samples among clients. Subclasses are dataclasses whose fields are the partitioner's
     parameters, each the run option of the same name (with the option's default)."""
 
@@ -98,12 +99,14 @@ class Partitioner:
         return cls(**{k: getattr(cfg, k) for k in cls.parameters() if hasattr(cfg, k)})
 
     def check(self, num_classes: int, dataset: str) -> None:
-        """Raise ``ConfigError`` on parameters that cannot split a ``num_classes``-class dataset (before any work)."""
+        """Raise ``ConfigError`` on parameters that cannot split a ``num_classes``-class dataset (before any work);
+        by default every value is fine."""
+        return None
 
+    @abc.abstractmethod
     def split(self, labels: dict[str, np.ndarray], num_classes: int, num_clients: int,
               rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
         """Per split ("train", "val", "test"), one sorted int64 index array per client."""
-        raise NotImplementedError
 
     def partition(self, labels: dict[str, np.ndarray], num_classes: int, num_clients: int,
                   rng: np.random.Generator) -> Partition:
@@ -123,10 +126,10 @@ class SharePartitioner(Partitioner):
     """A partitioner that draws one (clients, classes) share matrix from the training labels and cuts every
     split by it (client j gets floor(share[j, c] * n_c) samples of class c of each split)."""
 
+    @abc.abstractmethod
     def shares(self, train_labels: np.ndarray, num_classes: int, num_clients: int,
                rng: np.random.Generator) -> np.ndarray:
         """The (clients, classes) share matrix: client j gets share[j, c] of class c of every split."""
-        raise NotImplementedError
 
     def split(self, labels, num_classes, num_clients, rng):
         """Every split cut by the one share matrix drawn from the training labels."""
