@@ -37,10 +37,10 @@ import statistics
 import time
 
 import torch
-from batched_round import cpu_model, interleaved_rounds, matmul_peak
+from batched_round import interleaved_rounds, open_device
 
 from fedbench.config import make_config
-from fedbench.engine.simulation import Simulation, resolve_device
+from fedbench.engine.simulation import Simulation
 from fedbench.runner import prepare
 from fedbench.sweep import load_sweep
 
@@ -189,12 +189,7 @@ def main() -> None:
                                                   "grouped, split), e.g. cnn1:10:10,cnn5:10:10 ('' : skip)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
-    peak = matmul_peak(device, 1024 if device.type == "cpu" else 8192)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    device, name, peak = open_device(a.device, a.threads)
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; standalone, CNN-1..5, {a.dataset}, {a.local_steps} local "
           f"steps, {a.rounds} rounds (first not timed)")
     doc = {"device": str(device), "device_name": name, "peak_flops": peak, "args": vars(a)}

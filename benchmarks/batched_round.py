@@ -77,6 +77,18 @@ def simulation(device: torch.device, participants: int, batching: str, a, tier: 
     return Simulation(cfg, p.data, p.device, backbone=p.backbone, client_batching=batching)
 
 
+def open_device(which: str, threads: int) -> tuple[torch.device, str, float]:
+    """The device to measure on (torch threads set when ``threads`` > 0), its name and its fp32 matmul peak
+    in FLOP/s; one line naming them printed."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(which)
+    peak = matmul_peak(device, 1024 if device.type == "cpu" else 8192)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    return device, name, peak
+
+
 def interleaved_rounds(sims: dict, rounds: int) -> dict[str, list]:
     """Rounds 1..``rounds`` of each simulation, interleaved (a's round t, b's round t, a's t+1, ...) so that
     a busy neighbour slows every path alike; each simulation's round results; the simulations closed."""
@@ -125,12 +137,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
-    peak = matmul_peak(device, 1024 if device.type == "cpu" else 8192)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    device, name, peak = open_device(a.device, a.threads)
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     results = []
     for tier in a.tiers.split(","):
